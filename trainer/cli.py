@@ -1,0 +1,220 @@
+"""`reled`: scenarios, evaluation of controllers (training, demos and export arrive with later work)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from trainer.errors import RELEDError
+
+app = typer.Typer(help="RELED trainer: SUMO scenarios, multi-agent environment, controllers and evaluation.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+scenario_app = typer.Typer(help="Inspect and import scenarios.", no_args_is_help=True)
+app.add_typer(scenario_app, name="scenario")
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(func: F) -> F:
+    """Turn RELEDError into one red line on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except RELEDError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err_console, show_path=False)])
+
+
+@app.command("scenarios")
+@user_errors
+def scenarios_list() -> None:
+    """List every known scenario: synthetic grids, RESCO nets from sumo-rl, imported OSM cities."""
+    from trainer.scenarios import list_scenarios
+
+    table = Table(title="scenarios")
+    table.add_column("name")
+    table.add_column("source")
+    for name, source in list_scenarios():
+        table.add_row(name, source)
+    console.print(table)
+
+
+@scenario_app.command("list")
+@user_errors
+def scenario_list() -> None:
+    """Same as `reled scenarios`."""
+    scenarios_list()
+
+
+@scenario_app.command("show")
+@user_errors
+def scenario_show(name: Annotated[str, typer.Argument(help="Scenario name or folder.")]) -> None:
+    """Net, timing, demand regimes (vehicles/hour), controlled lights and provenance of a scenario."""
+    from trainer.env import TrafficSignalEnv
+    from trainer.scenarios import get_scenario
+
+    scenario = get_scenario(name)
+    scenario.check_files()
+    console.print(f"[bold]{scenario.name}[/] ({scenario.kind}) {scenario.description}")
+    console.print(f"net: {scenario.net}\nsimulated time: {scenario.begin:.0f} .. {scenario.end:.0f} s, "
+                  f"left-hand traffic: {scenario.lefthand}")
+    t = scenario.timing
+    console.print(f"timing: decision every {t.delta:g} s, yellow {t.yellow:g} s, all-red {t.all_red:g} s, "
+                  f"green {t.min_green:g}..{t.max_green:g} s")
+    demand = Table(title="demand regimes")
+    for col in ("regime", "vehicles/hour", "scale", "routes", "description"):
+        demand.add_column(col)
+    for d in scenario.demands.values():
+        demand.add_row(d.name, f"{d.vehicles_per_hour:.0f}", f"{d.scale:g}",
+                       ", ".join(r.name for r in d.routes), d.description)
+    console.print(demand)
+    env = TrafficSignalEnv(scenario=name, resolved=scenario)
+    lights = Table(title=f"controlled lights ({len(env.intersections)})")
+    for col in ("light", "green phases", "approaches", "incoming lanes"):
+        lights.add_column(col)
+    for inter in env.intersections:
+        lights.add_row(inter.tls_id, str(inter.n_phases), str(inter.approaches), str(len(inter.in_lanes)))
+    env.close()
+    console.print(lights)
+    for key, value in scenario.provenance.items():
+        console.print(f"[dim]{key}:[/] {value}", highlight=False)
+
+
+@scenario_app.command("import")
+@user_errors
+def scenario_import(
+    osm: Annotated[Path, typer.Option("--osm", help="OpenStreetMap XML extract (.osm).")],
+    name: Annotated[str, typer.Option("--name", help="Scenario name (folder under $RELED_HOME/scenarios).")],
+    vclass: Annotated[list[str], typer.Option("--vclass", help="Vehicle classes whose roads are kept "
+                                                                "(repeatable).")] = ["passenger"],  # noqa: B006
+    lefthand: Annotated[bool, typer.Option(help="Left-hand traffic (Hong Kong, UK, Japan...).")] = False,
+    bbox: Annotated[str | None, typer.Option(help="Keep only WEST,SOUTH,EAST,NORTH (lon/lat).")] = None,
+    vehicles_per_hour: Annotated[float, typer.Option(help="Moderate demand; congested scales it.")] = 1800.0,
+    seed: Annotated[int, typer.Option(help="Seed of the random demand.")] = 42,
+    force: Annotated[bool, typer.Option(help="Rebuild an existing scenario.")] = False,
+    if_missing: Annotated[bool, typer.Option(help="Do nothing if the scenario exists.")] = False,
+) -> None:
+    """Turn an OSM extract into a scenario: netconvert with signal guessing, demand, provenance (ODbL)."""
+    from trainer.scenarios import scenarios_home
+    from trainer.scenarios.osm_import import import_osm
+
+    if if_missing and (scenarios_home() / name / "scenario.toml").is_file():
+        console.print(f"scenario {name} exists in {scenarios_home() / name}; nothing to do")
+        return
+    box = _parse_bbox(bbox) if bbox else None
+    with console.status(f"importing {osm} as {name}..."):
+        scenario = import_osm(osm, name, scenarios_home(), vehicle_classes=tuple(vclass), lefthand=lefthand,
+                              bbox=box, vehicles_per_hour=vehicles_per_hour, seed=seed, force=force)
+    console.print(f"[green]imported[/] {scenario.name} into {scenario.folder}: "
+                  f"{len(scenario.controlled or ())} controlled lights")
+
+
+def _parse_bbox(text: str) -> tuple[float, float, float, float]:
+    try:
+        west, south, east, north = (float(v) for v in text.split(","))
+    except ValueError:
+        raise RELEDError(f"--bbox must be WEST,SOUTH,EAST,NORTH in degrees, got {text!r}") from None
+    if not (west < east and south < north):
+        raise RELEDError(f"--bbox {text!r} is empty: need WEST < EAST and SOUTH < NORTH")
+    return west, south, east, north
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    scenario: Annotated[str, typer.Option(help="Scenario name (see `reled scenarios`) or folder.")],
+    controller: Annotated[str, typer.Option(help="Controller(s), comma-separated: fixed, greedy, "
+                                                 "max-pressure, random.")] = "fixed",
+    demand: Annotated[str, typer.Option(help="Demand regime: moderate or congested.")] = "moderate",
+    seeds: Annotated[int, typer.Option(min=1, help="Episodes per controller (SUMO seeds).")] = 3,
+    first_seed: Annotated[int, typer.Option(help="First SUMO seed; seeds are consecutive.")] = 0,
+    backend: Annotated[str, typer.Option(help="libsumo (fast) or traci (sockets).")] = "libsumo",
+    episode_seconds: Annotated[float | None, typer.Option(help="Shorter episodes [default: scenario's "
+                                                               "begin..end]")] = None,
+    reward: Annotated[str, typer.Option(help="Reward reported to agents: queue, wait, pressure.")] = "queue",
+    config: Annotated[Path | None, typer.Option(help="TOML file with [env] and [timing] settings.")] = None,
+    delta: Annotated[float | None, typer.Option(help="Seconds between decisions [default: 10]")] = None,
+    yellow: Annotated[float | None, typer.Option(help="Yellow seconds [default: 3]")] = None,
+    all_red: Annotated[float | None, typer.Option(help="All-red seconds [default: 2]")] = None,
+    min_green: Annotated[float | None, typer.Option(help="Minimum green seconds [default: 10]")] = None,
+    max_green: Annotated[float | None, typer.Option(help="Maximum green seconds [default: 60]")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every episode and the summary.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Bar chart PNG of average delay per controller.")] = None,
+    gui: Annotated[bool, typer.Option(help="Watch in sumo-gui (needs a display; uses TraCI).")] = False,
+) -> None:
+    """Evaluate controllers: a table per controller (one row per seed) and mean ± std over seeds."""
+    from trainer.config import load_env_config
+    from trainer.evaluate import evaluate
+    from trainer.scenarios import get_scenario
+    from trainer.sumo_tools import sumo_home
+
+    names = [c.strip() for c in controller.split(",") if c.strip()]
+    if gui:
+        if not os.environ.get("DISPLAY"):
+            raise RELEDError("--gui needs a display, but DISPLAY is not set: run without --gui or on a desktop")
+        backend = "traci"
+    timing = {"delta": delta, "yellow": yellow, "all_red": all_red, "min_green": min_green,
+              "max_green": max_green}
+    env_config = load_env_config(config, scenario=scenario, demand=demand, backend=backend,
+                                 episode_seconds=episode_seconds, reward=reward, gui=gui or None,
+                                 timing=timing)
+    resolved = get_scenario(scenario)
+    resolved.demand(demand)
+    resolved.check_files()
+    sumo_home()
+    seed_list = list(range(first_seed, first_seed + seeds))
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
+                  disable=not err_console.is_terminal) as progress:
+        task = progress.add_task("evaluating", total=len(names) * len(seed_list))
+        done: dict[tuple[str, int], float] = {}
+
+        def hook(name: str, seed: int, frac: float) -> None:
+            done[(name, seed)] = frac
+            progress.update(task, completed=sum(done.values()), description=f"{name} seed {seed}")
+
+        results = evaluate(resolved, names, seed_list, env_config, hook)
+    from trainer.report import episode_tables, summary_table, write_eval_json
+
+    for table in episode_tables(results):
+        console.print(table)
+    console.print(summary_table(results, f"{resolved.name} / {demand}: mean ± std over {seeds} seed(s)"))
+    if json_out:
+        write_eval_json(json_out, resolved, demand, env_config, results)
+        console.print(f"wrote {json_out}")
+    if plot:
+        from trainer.evaluate import summarise
+        from trainer.plots import bar_chart
+
+        bar_chart(summarise(results, "avg_delay"), "average delay per vehicle (s)",
+                  f"{resolved.name} ({demand}), {seeds} seed(s)", plot)
+        console.print(f"wrote {plot}")
+
+
+def run() -> None:  # pragma: no cover - console-script shim
+    sys.exit(app())

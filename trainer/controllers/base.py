@@ -1,0 +1,102 @@
+"""The controller interface and the classic heuristics: fixed-time, max-pressure, greedy, random.
+
+A controller sees what a learned policy sees (per agent: observation vector and action mask,
+plus infos) and returns a green phase per agent. Learned policies implement the same two calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+
+from edge_runtime.features import MAX_PHASES, QUEUE_AT
+from trainer.errors import RELEDError
+
+Observations = dict[str, dict[str, np.ndarray]]
+
+
+class Controller:
+    """Base: ``act`` maps each agent's observation to a green-phase index."""
+
+    name: ClassVar[str] = "base"
+    drives_signals: ClassVar[bool] = True  # False: the net's own programs run untouched
+    needs_pressure: ClassVar[bool] = False  # True: the env must put phase pressure in infos
+
+    def reset(self, seed: int) -> None:
+        """Called at the start of every episode."""
+
+    def act(self, observations: Observations, infos: dict[str, dict[str, Any]]) -> dict[str, int]:
+        raise NotImplementedError
+
+
+def _masked_argmax(scores: np.ndarray, mask: np.ndarray) -> int:
+    return int(np.argmax(np.where(mask.astype(bool), scores, -np.inf)))
+
+
+class FixedTime(Controller):
+    """The network's own signal programs, as SUMO runs them."""
+
+    name = "fixed"
+    drives_signals = False
+
+    def act(self, observations: Observations, infos: dict[str, dict[str, Any]]) -> dict[str, int]:
+        return {}
+
+
+class Greedy(Controller):
+    """Serve the phase with the longest queue (RESCO's 'greedy'); ties go to approaching traffic."""
+
+    name = "greedy"
+
+    def act(self, observations: Observations, infos: dict[str, dict[str, Any]]) -> dict[str, int]:
+        actions = {}
+        for agent, ob in observations.items():
+            vec = ob["observation"]
+            queue = vec[QUEUE_AT:QUEUE_AT + MAX_PHASES]
+            approaching = vec[QUEUE_AT + MAX_PHASES:QUEUE_AT + 2 * MAX_PHASES]
+            actions[agent] = _masked_argmax(queue + 1e-3 * approaching, ob["action_mask"])
+        return actions
+
+
+class MaxPressure(Controller):
+    """Varaiya's max-pressure: the phase whose movements have the most upstream minus downstream vehicles."""
+
+    name = "max-pressure"
+    needs_pressure = True
+
+    def act(self, observations: Observations, infos: dict[str, dict[str, Any]]) -> dict[str, int]:
+        actions = {}
+        for agent, ob in observations.items():
+            pressure = infos[agent]["phase_pressure"]
+            mask = ob["action_mask"][: len(pressure)]
+            actions[agent] = _masked_argmax(pressure, mask)
+        return actions
+
+
+class RandomController(Controller):
+    """Uniform over the valid phases; seeded per episode."""
+
+    name = "random"
+
+    def __init__(self) -> None:
+        self.rng = np.random.default_rng(0)
+
+    def reset(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, observations: Observations, infos: dict[str, dict[str, Any]]) -> dict[str, int]:
+        return {agent: int(self.rng.choice(np.flatnonzero(ob["action_mask"])))
+                for agent, ob in observations.items()}
+
+
+CONTROLLERS: dict[str, Callable[[], Controller]] = {
+    c.name: c for c in (FixedTime, Greedy, MaxPressure, RandomController)
+}
+
+
+def make_controller(name: str) -> Controller:
+    if name not in CONTROLLERS:
+        raise RELEDError(f"unknown controller {name!r}: choose one of {', '.join(CONTROLLERS)}")
+    return CONTROLLERS[name]()

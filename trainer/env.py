@@ -1,0 +1,310 @@
+"""PettingZoo ParallelEnv over SUMO: one agent per controlled traffic light.
+
+Actions propose a green phase; the shared safety shield (``edge_runtime.shield``) turns them
+into green/yellow/all-red with min and max green. SUMO is advanced event to event (a decision,
+the end of a yellow...), never second by second, and lanes are read once per decision.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from gymnasium import spaces
+from pettingzoo import ParallelEnv
+
+from edge_runtime.features import (
+    APPROACHING_AT,
+    CURRENT_PHASE_AT,
+    DETECTOR_RANGE_M,
+    MAX_PHASES,
+    MAX_WAIT_AT,
+    MIN_GREEN_MET_AT,
+    QUEUE_AT,
+    TIME_IN_PHASE_AT,
+    action_mask,
+    feature_size,
+)
+from edge_runtime.shield import SafetyShield
+from trainer.errors import RELEDError
+from trainer.intersections import Intersection, discover_intersection
+from trainer.lanes import LaneReader
+from trainer.metrics import EpisodeMetrics, read_episode_metrics
+from trainer.scenarios import DecisionTiming, Scenario, get_scenario
+from trainer.simulation import Backend, EpisodeOutputs, Simulation, sumo_command
+
+log = logging.getLogger(__name__)
+
+RewardName = Literal["queue", "wait", "pressure"]
+REWARDS: tuple[str, ...] = ("queue", "wait", "pressure")
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Everything that defines an episode; defaults follow the RESCO preset."""
+
+    scenario: str = "grid2x2"
+    demand: str = "moderate"
+    reward: RewardName = "queue"
+    backend: Backend = "libsumo"
+    timing: DecisionTiming | None = None  # None: the scenario's own (RESCO preset by default)
+    episode_seconds: float | None = None  # None: the scenario's begin..end
+    detector_range: float = DETECTOR_RANGE_M
+    time_to_teleport: float = 300.0
+    fixed_time: bool = False  # the net's own programs run; actions are ignored
+    with_pressure: bool = False  # put per-phase pressure in infos (max-pressure needs it)
+    collect_metrics: bool = True
+    gui: bool = False
+    sumo_args: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.reward not in REWARDS:
+            raise RELEDError(f"unknown reward {self.reward!r}: choose one of {', '.join(REWARDS)}")
+        if self.episode_seconds is not None and self.episode_seconds <= 0:
+            raise RELEDError(f"episode length must be > 0 s, got {self.episode_seconds}")
+
+
+class TrafficSignalEnv(ParallelEnv):
+    metadata: ClassVar[dict[str, Any]] = {"name": "reled_traffic_signals_v1", "render_modes": []}
+
+    def __init__(self, config: EnvConfig | None = None, *, resolved: Scenario | None = None,
+                 **overrides: Any):
+        self.config = replace(config or EnvConfig(), **overrides)
+        self.scenario = resolved or get_scenario(self.config.scenario)
+        self.scenario.demand(self.config.demand)
+        self.scenario.check_files()
+        self.timing = self.config.timing or self.scenario.timing
+        self.end_time = self.scenario.begin + (self.config.episode_seconds or
+                                               self.scenario.end - self.scenario.begin)
+        self.sim = Simulation(self.config.backend)
+        self._tmp = Path(tempfile.mkdtemp(prefix="reled-env-"))
+        self._outputs = EpisodeOutputs(self._tmp / "tripinfo.xml", self._tmp / "statistics.xml")
+        self.intersections = self._discover()
+        self.possible_agents = [i.tls_id for i in self.intersections]
+        self.agents: list[str] = []
+        n_obs = feature_size()
+        self._obs_space = spaces.Dict({
+            "observation": spaces.Box(0.0, np.inf, (n_obs,), np.float32),
+            "action_mask": spaces.Box(0, 1, (MAX_PHASES,), np.int8),
+        })
+        self._act_space = spaces.Discrete(MAX_PHASES)
+        self._masks = {i.tls_id: action_mask(i.n_phases).astype(np.int8) for i in self.intersections}
+        self._episode = 0
+        self.last_metrics: EpisodeMetrics | None = None
+        self.invalid_actions = 0
+
+    # -- PettingZoo API -------------------------------------------------------------------------
+    def observation_space(self, agent: str) -> spaces.Space:
+        return self._obs_space
+
+    def action_space(self, agent: str) -> spaces.Space:
+        return self._act_space
+
+    def reset(self, seed: int | None = None, options: dict | None = None):
+        seed = self._episode if seed is None else seed
+        self._episode += 1
+        self._start(seed)
+        self.agents = list(self.possible_agents)
+        self.invalid_actions = 0
+        obs = self._observe()
+        return obs, self._infos()
+
+    def step(self, actions: dict[str, int]):
+        if not self.agents:
+            raise RELEDError("step() called on a finished episode: call reset() first")
+        now = self.time
+        if not self.config.fixed_time:
+            for k, inter in enumerate(self.intersections):
+                action = actions.get(inter.tls_id)
+                if action is None:
+                    continue
+                if not 0 <= int(action) < inter.n_phases:
+                    self.invalid_actions += 1
+                    continue
+                self.shields[k].propose(int(action), now)
+            self._apply_signals()
+        self._advance_to(min(now + self.timing.delta, self.end_time))
+        obs = self._observe()
+        rewards = self._rewards()
+        done = self.time >= self.end_time - 1e-6
+        infos = self._infos()
+        if done:
+            self._finish_episode(infos)
+        terminations = dict.fromkeys(obs, False)
+        truncations = dict.fromkeys(obs, done)
+        return obs, rewards, terminations, truncations, infos
+
+    def close(self) -> None:
+        self.sim.close()
+        self.agents = []
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __del__(self) -> None:
+        if getattr(self, "sim", None) is not None:
+            self.sim.close()
+
+    # -- simulation ----------------------------------------------------------------------------
+    @property
+    def time(self) -> float:
+        return self._time
+
+    def _command(self, seed: int, with_outputs: bool, gui: bool = False) -> list[str]:
+        return sumo_command(self.scenario, self.config.demand, seed,
+                            self._outputs if with_outputs else None, end=self.end_time, gui=gui,
+                            time_to_teleport=self.config.time_to_teleport, extra=self.config.sumo_args)
+
+    def _discover(self) -> list[Intersection]:
+        api = self.sim.start(self._command(0, with_outputs=False))
+        try:
+            wanted = self.scenario.controlled
+            ids = list(api.trafficlight.getIDList())
+            missing = sorted(set(wanted or ()) - set(ids))
+            if missing:
+                raise RELEDError(f"scenario {self.scenario.name} lists lights {missing} that its net lacks; "
+                                 "re-import the scenario")
+            found = [discover_intersection(api, tls) for tls in (wanted or ids)]
+        finally:
+            self.sim.close()
+        intersections = [i for i in found if i is not None]
+        if not intersections:
+            raise RELEDError(f"scenario {self.scenario.name} has no traffic light with 2+ green phases to control")
+        return intersections
+
+    def _start(self, seed: int) -> None:
+        self.api = self.sim.start(self._command(seed, self.config.collect_metrics, self.config.gui))
+        self._time = float(self.api.simulation.getTime())
+        lanes = sorted({lane for i in self.intersections for lane in i.in_lanes})
+        self._lane_index = {lane: k for k, lane in enumerate(lanes)}
+        self._agent_lanes = [np.array([self._lane_index[lane] for lane in i.in_lanes]) for i in self.intersections]
+        self.lanes = LaneReader(self.api, lanes, self.config.detector_range)
+        self._out_lanes = sorted({lane for i in self.intersections for lane in i.out_lanes})
+        out_index = {lane: k for k, lane in enumerate(self._out_lanes)}
+        self._agent_out = [np.array([out_index[lane] for lane in i.out_lanes]) for i in self.intersections]
+        self._build_feature_index()
+        self.shields = [SafetyShield(i.n_phases, self.timing.signal, 0, self._time) for i in self.intersections]
+        self._shown: list[str | None] = [None] * len(self.intersections)
+        if not self.config.fixed_time:
+            self._apply_signals()
+        self.lanes.read()
+
+    def _build_feature_index(self) -> None:
+        """Stack every agent's phase-lane incidence so features need one product per decision."""
+        n_lanes = len(self._lane_index)
+        rows, slots = [], []
+        for k, inter in enumerate(self.intersections):
+            for p in range(inter.n_phases):
+                row = np.zeros(n_lanes, dtype=np.float32)
+                row[self._agent_lanes[k][inter.phase_lanes[p]]] = 1.0
+                rows.append(row)
+                slots.append(k * feature_size() + p)
+        self._served = np.stack(rows)
+        slots_arr = np.array(slots)
+        self._slot_queue = slots_arr + QUEUE_AT
+        self._slot_approach = slots_arr + APPROACHING_AT
+        self._slot_wait = slots_arr + MAX_WAIT_AT
+        self._obs_block = np.zeros((len(self.intersections), feature_size()), dtype=np.float32)
+        self._last_program_phase = [0] * len(self.intersections)
+
+    def _advance_to(self, target: float) -> None:
+        """Step SUMO through every shield event up to ``target``, switching signals on time."""
+        fixed = self.config.fixed_time
+        while True:
+            event = target if fixed else min(min(s.next_event() for s in self.shields), target)
+            self.sim.step_to(event)
+            self._time = event
+            if not fixed:
+                for shield in self.shields:
+                    shield.advance(event)
+                self._apply_signals()
+            if event >= target:
+                break
+        try:
+            self.lanes.read()
+        except self.sim.sumo_errors as exc:
+            raise self.sim.guard(exc) from exc
+
+    def _apply_signals(self) -> None:
+        set_state = self.api.trafficlight.setRedYellowGreenState
+        for k, inter in enumerate(self.intersections):
+            state = inter.state_string(self.shields[k].state)
+            if state != self._shown[k]:
+                set_state(inter.tls_id, state)
+                self._shown[k] = state
+
+    def _finish_episode(self, infos: dict[str, dict]) -> None:
+        self.sim.close()
+        self.agents = []
+        if self.config.collect_metrics:
+            self.last_metrics = read_episode_metrics(self._outputs.tripinfo, self._outputs.statistics)
+            episode = {**self.last_metrics.as_dict(), "invalid_actions": self.invalid_actions}
+            for info in infos.values():
+                info["episode"] = episode
+
+    # -- observation, reward -------------------------------------------------------------------
+    def _observe(self) -> dict[str, dict[str, np.ndarray]]:
+        """All agents' vectors at once: one matrix product per feature over every served lane."""
+        lanes, served, block = self.lanes, self._served, self._obs_block
+        block.fill(0.0)
+        flat = block.reshape(-1)
+        flat[self._slot_queue] = served @ lanes.queue
+        flat[self._slot_approach] = served @ lanes.approaching
+        flat[self._slot_wait] = (served * lanes.max_wait).max(axis=1)
+        agents = np.arange(len(self.intersections))
+        if self.config.fixed_time:
+            phases = np.array([self._program_phase(k) for k in agents])
+            block[agents, MIN_GREEN_MET_AT] = 1.0
+        else:
+            phases = np.array([s.state.green_phase for s in self.shields])
+            block[agents, TIME_IN_PHASE_AT] = [s.green_elapsed(self._time) for s in self.shields]
+            block[agents, MIN_GREEN_MET_AT] = [s.min_green_met(self._time) for s in self.shields]
+        block[agents, CURRENT_PHASE_AT + phases] = 1.0
+        return {inter.tls_id: {"observation": block[k].copy(), "action_mask": self._masks[inter.tls_id]}
+                for k, inter in enumerate(self.intersections)}
+
+    def _program_phase(self, k: int) -> int:
+        """Green phase the net's own program shows (fixed-time mode); the last green during changes."""
+        inter = self.intersections[k]
+        state = self.api.trafficlight.getRedYellowGreenState(inter.tls_id)
+        if state in inter.green_states:
+            self._last_program_phase[k] = inter.green_states.index(state)
+        return self._last_program_phase[k]
+
+    def _pressures(self) -> list[np.ndarray]:
+        """Per phase: Σ over its green movements of (incoming vehicles in range - outgoing vehicles)."""
+        out_counts = self.lanes.vehicle_counts(self._out_lanes)
+        in_counts = self.lanes.queue + self.lanes.approaching
+        result = []
+        for k, inter in enumerate(self.intersections):
+            mov = np.array(inter.movements)
+            per_move = in_counts[self._agent_lanes[k][mov[:, 0]]] - out_counts[self._agent_out[k][mov[:, 1]]]
+            result.append(inter.phase_movements.astype(np.float32) @ per_move)
+        return result
+
+    def _rewards(self) -> dict[str, float]:
+        reward = self.config.reward
+        if reward == "queue":
+            values = [-float(self.lanes.queue[idx].sum()) for idx in self._agent_lanes]
+        elif reward == "wait":
+            sums = self.lanes.waiting_sums()
+            values = [-float(sums[idx].sum()) for idx in self._agent_lanes]
+        else:
+            out_counts = self.lanes.vehicle_counts(self._out_lanes)
+            in_counts = self.lanes.queue + self.lanes.approaching
+            values = [-abs(float(in_counts[i].sum() - out_counts[o].sum()))
+                      for i, o in zip(self._agent_lanes, self._agent_out, strict=True)]
+        return {i.tls_id: v for i, v in zip(self.intersections, values, strict=True)}
+
+    def _infos(self) -> dict[str, dict]:
+        pressures = self._pressures() if self.config.with_pressure else None
+        infos = {}
+        for k, inter in enumerate(self.intersections):
+            info: dict[str, Any] = {"action_mask": self._masks[inter.tls_id], "time": self._time}
+            if pressures is not None:
+                info["phase_pressure"] = pressures[k]
+            infos[inter.tls_id] = info
+        return infos

@@ -1,0 +1,5 @@
+"""The one exception type that reaches users: its message is a single line naming the fix."""
+
+
+class RELEDError(Exception):
+    """A problem the user can fix (bad input, missing file, dead simulator)."""

@@ -1,0 +1,76 @@
+"""Run controllers over seeded episodes and summarise the metrics (what `reled eval` does)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from trainer.controllers import Controller, make_controller
+from trainer.env import EnvConfig, TrafficSignalEnv
+from trainer.metrics import EpisodeMetrics
+from trainer.scenarios import Scenario
+
+# Called after every decision with (controller name, seed, episode progress in [0, 1]).
+ProgressHook = Callable[[str, int, float], None]
+
+
+@dataclass(frozen=True)
+class EpisodeResult:
+    controller: str
+    seed: int
+    metrics: EpisodeMetrics
+    wall_seconds: float
+
+
+def run_episode(env: TrafficSignalEnv, controller: Controller, seed: int,
+                on_step: Callable[[float], None] | None = None) -> EpisodeMetrics:
+    """One full episode; returns SUMO's trip metrics."""
+    controller.reset(seed)
+    obs, infos = env.reset(seed=seed)
+    span = env.end_time - env.scenario.begin
+    while env.agents:
+        obs, _rewards, _term, _trunc, infos = env.step(controller.act(obs, infos))
+        if on_step:
+            on_step((env.time - env.scenario.begin) / span)
+    assert env.last_metrics is not None
+    return env.last_metrics
+
+
+@contextlib.contextmanager
+def controller_env(scenario: Scenario, controller: Controller, config: EnvConfig) -> Iterator[TrafficSignalEnv]:
+    """An environment set up the way ``controller`` needs it, closed afterwards."""
+    env = TrafficSignalEnv(config, resolved=scenario, fixed_time=not controller.drives_signals,
+                           with_pressure=controller.needs_pressure, collect_metrics=True)
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+def evaluate(scenario: Scenario, controller_names: list[str], seeds: list[int], config: EnvConfig,
+             progress: ProgressHook | None = None) -> list[EpisodeResult]:
+    controllers = [make_controller(name) for name in controller_names]  # fail before any SUMO run
+    results = []
+    for controller in controllers:
+        with controller_env(scenario, controller, config) as env:
+            for seed in seeds:
+                start = time.perf_counter()
+                hook = (lambda frac, c=controller.name, s=seed: progress(c, s, frac)) if progress else None
+                metrics = run_episode(env, controller, seed, hook)
+                results.append(EpisodeResult(controller.name, seed, metrics, time.perf_counter() - start))
+    return results
+
+
+def summarise(results: list[EpisodeResult], key: str) -> dict[str, tuple[float, float]]:
+    """Per controller: mean and sample std of one metric over seeds (std 0 with one seed)."""
+    out: dict[str, tuple[float, float]] = {}
+    for name in dict.fromkeys(r.controller for r in results):
+        values = np.array([getattr(r.metrics, key) for r in results if r.controller == name], dtype=float)
+        std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        out[name] = (float(values.mean()), std if not math.isnan(std) else 0.0)
+    return out

@@ -1,0 +1,62 @@
+"""Tables and JSON reports of evaluation results."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from trainer.env import EnvConfig
+from trainer.evaluate import EpisodeResult, summarise
+from trainer.fileio import atomic_write_text
+from trainer.metrics import METRIC_LABELS
+from trainer.scenarios import Scenario
+
+SUMMARY_METRICS = ("avg_delay", "avg_travel_time", "avg_waiting_time", "throughput", "teleports")
+
+
+def episode_tables(results: list[EpisodeResult]) -> list[Table]:
+    tables = []
+    for name in dict.fromkeys(r.controller for r in results):
+        table = Table(title=f"{name}: per seed")
+        table.add_column("seed", justify="right")
+        for label in METRIC_LABELS.values():
+            table.add_column(label, justify="right")
+        table.add_column("wall (s)", justify="right")
+        for r in (r for r in results if r.controller == name):
+            m = r.metrics.as_dict()
+            table.add_row(str(r.seed), *(_fmt(m[key]) for key in METRIC_LABELS), f"{r.wall_seconds:.1f}")
+        tables.append(table)
+    return tables
+
+
+def summary_table(results: list[EpisodeResult], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("controller")
+    for key in SUMMARY_METRICS:
+        table.add_column(METRIC_LABELS[key], justify="right")
+    summaries = {key: summarise(results, key) for key in SUMMARY_METRICS}
+    for name in summaries["avg_delay"]:
+        table.add_row(name, *(f"{summaries[k][name][0]:.1f} ± {summaries[k][name][1]:.1f}"
+                              for k in SUMMARY_METRICS))
+    return table
+
+
+def write_eval_json(path: Path, scenario: Scenario, demand: str, config: EnvConfig,
+                    results: list[EpisodeResult]) -> None:
+    payload = {
+        "scenario": scenario.name, "demand": demand,
+        "vehicles_per_hour": scenario.demand(demand).vehicles_per_hour,
+        "timing": dataclasses.asdict(config.timing or scenario.timing),
+        "episodes": [{"controller": r.controller, "seed": r.seed, "wall_seconds": r.wall_seconds,
+                      **r.metrics.as_dict()} for r in results],
+        "summary": {key: {name: {"mean": m, "std": s} for name, (m, s) in summarise(results, key).items()}
+                    for key in SUMMARY_METRICS},
+    }
+    atomic_write_text(path, json.dumps(payload, indent=2))
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
