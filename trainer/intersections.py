@@ -51,13 +51,18 @@ class Intersection:
 
 @functools.cache
 def _state_string(greens: tuple[str, ...], stage: Stage, phase: int, target: int) -> str:
-    """SUMO link states for a shield state; links green in both phases stay green (overlaps)."""
+    """SUMO link states for a shield state.
+
+    A link keeps its green through the change only if it keeps or gains priority (overlaps such
+    as a right turn green in both phases); a protected 'G' that becomes a yielding 'g' ends with
+    yellow, as in SUMO's own programs.
+    """
     if stage is Stage.GREEN:
         return greens[phase]
     src, dst = greens[phase], greens[target]
     out = []
     for a, b in zip(src, dst, strict=True):
-        if a in GREEN_CHARS and b in GREEN_CHARS:
+        if a in GREEN_CHARS and (a == b or b == "G"):
             out.append(a)
         elif a in GREEN_CHARS:
             out.append("y" if stage is Stage.YELLOW else "r")

@@ -2,21 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from trainer.errors import RELEDError
 from trainer.scenarios.model import Scenario
-from trainer.sumo_tools import sumo_binary, sumo_home
+from trainer.sumo_tools import first_error_line, sumo_binary, sumo_home
 
 log = logging.getLogger(__name__)
 
 Backend = Literal["libsumo", "traci"]
 BACKENDS: tuple[Backend, ...] = ("libsumo", "traci")
 _libsumo_in_use = False
+
+
+@contextlib.contextmanager
+def captured_stderr() -> Iterator[list[str]]:
+    """Send the process's stderr (where libsumo's C++ prints SUMO errors) to a temp file.
+
+    The yielded list holds the captured lines once the block ends; they are also logged at debug.
+    """
+    sys.stderr.flush()
+    lines: list[str] = []
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines += capture.read().decode(errors="replace").splitlines()
+    for line in lines:
+        log.debug("sumo: %s", line)
 
 
 @dataclass(frozen=True)
@@ -78,11 +104,16 @@ class Simulation:
         import libsumo
 
         self._exceptions = (libsumo.TraCIException, libsumo.FatalTraCIError)
-        try:
-            libsumo.start(cmd)
-        except self._exceptions as exc:
-            libsumo.close()
-            raise RELEDError(f"SUMO could not load the scenario: {exc}; check the net and route files") from exc
+        with captured_stderr() as messages:
+            try:
+                libsumo.start(cmd)
+                failure = None
+            except self._exceptions as exc:
+                libsumo.close()
+                failure = exc
+        if failure is not None:
+            reason = first_error_line("\n".join(messages)) if messages else str(failure)
+            raise RELEDError(f"SUMO could not load the scenario: {reason}") from failure
         _libsumo_in_use = True
         return libsumo
 

@@ -1,0 +1,54 @@
+"""Smoke test of tools/bench/env_throughput.py: a 300 s cologne8 episode, one repeat.
+
+Why: the benchmark is run by hand and rarely; this keeps its workers (ours, sumo-rl, plain,
+replay) and its JSON layout from rotting silently when the environment changes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "bench" / "env_throughput.py"
+
+pytest.importorskip("libsumo")
+pytest.importorskip("sumo_rl")
+
+
+def test_help() -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, check=True)
+    assert "--episode-seconds" in proc.stdout and "--json" in proc.stdout
+
+
+def test_short_cologne8_run_writes_positive_figures(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--nets", "cologne8", "--episode-seconds", "300",
+                    "--repeats", "1", "--json", str(out)], capture_output=True, text=True, check=True,
+                   timeout=300)
+    data = json.loads(out.read_text())
+    assert {"config", "results", "comparisons", "targets", "all_passed", "runs"} <= data.keys()
+
+    systems = {(r["system"], r["delta_s"]) for r in data["results"]}
+    assert {("plain", None), ("sumo-binary", None)} <= systems
+    for delta in (10.0, 5.0):
+        assert {("ours", delta), ("sumo-rl", delta), ("replay", delta)} <= systems
+    for row in data["results"]:
+        assert row["net"] == "cologne8"
+        assert row["wall_s_median"] > 0 and row["sumo_s_median"] > 0
+        if row["system"] in ("ours", "sumo-rl"):
+            assert row["agents"] == 8
+            assert row["decisions_per_episode"] == 300 / row["delta_s"]
+            assert row["agent_decisions_per_s"] > 0
+
+    assert len(data["comparisons"]) == 2
+    for comp in data["comparisons"]:
+        assert comp["sumo_rl_over_ours"] > 0
+        assert comp["replay_matches_ours"], "replay of our signals must reproduce our traffic"
+        for key in ("overhead_vs_plain_pct", "overhead_vs_replay_pct", "ours_python_share_pct"):
+            assert isinstance(comp[key], float)
+    assert len(data["targets"]) == 4
+    assert all(isinstance(t["passed"], bool) for t in data["targets"])

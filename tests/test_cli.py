@@ -1,0 +1,150 @@
+"""`reled` end to end: tables and reports on real SUMO runs, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from trainer.env import TrafficSignalEnv
+from trainer.errors import RELEDError
+from trainer.scenarios import get_scenario
+
+REL = [sys.executable, "-m", "trainer"]
+
+
+def reled(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*REL, *args], capture_output=True, text=True, timeout=600, **kw)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_eval_writes_tables_json_and_plot(tmp_path):
+    out = tmp_path / "eval.json"
+    png = tmp_path / "eval.png"
+    proc = reled("eval", "--scenario", "grid2x2", "--controller", "fixed,greedy,max-pressure,random",
+                 "--seeds", "2", "--episode-seconds", "600", "--json", str(out), "--plot", str(png))
+    assert proc.returncode == 0, proc.stderr
+    assert "mean ± std over 2 seed(s)" in proc.stdout
+    report = json.loads(out.read_text())
+    assert len(report["episodes"]) == 8
+    delay = report["summary"]["avg_delay"]
+    assert set(delay) == {"fixed", "greedy", "max-pressure", "random"}
+    assert delay["max-pressure"]["mean"] < delay["random"]["mean"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scenarios_list_and_show():
+    proc = reled("scenarios")
+    assert proc.returncode == 0 and "cologne8" in proc.stdout and "grid2x2" in proc.stdout
+    proc = reled("scenario", "show", "grid3x3")
+    assert proc.returncode == 0, proc.stderr
+    assert "controlled lights (9)" in proc.stdout and "congested" in proc.stdout
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    (["eval", "--scenario", "atlantis"], ["unknown scenario 'atlantis'", "reled scenarios list"]),
+    (["eval", "--scenario", "grid2x2", "--demand", "rush"], ["unknown demand regime 'rush'", "moderate"]),
+    (["eval", "--scenario", "grid2x2", "--controller", "psychic"], ["unknown controller 'psychic'"]),
+    (["eval", "--scenario", "grid2x2", "--backend", "carrier-pigeon"], ["unknown SUMO backend"]),
+    (["scenario", "show", "nowhere"], ["unknown scenario"]),
+    (["scenario", "import", "--osm", "/does/not/exist.osm", "--name", "x"], ["exist"]),
+])
+def test_bad_input_gets_one_line(args, needles):
+    assert_one_line_error(reled(*args), *needles)
+
+
+def test_bad_config_file(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[env]\nrewrd = 'queue'\n")
+    assert_one_line_error(reled("eval", "--scenario", "grid2x2", "--config", str(cfg)), "unknown key(s) ['rewrd']")
+    cfg.write_text("[timing]\nyellow = 0\n")
+    assert_one_line_error(reled("eval", "--scenario", "grid2x2", "--config", str(cfg)), "yellow")
+
+
+@pytest.fixture
+def broken_copy(tmp_path) -> Path:
+    """A private copy of grid2x2 to damage."""
+    src = get_scenario("grid2x2").folder
+    dst = tmp_path / "grid2x2-copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_route_file(broken_copy):
+    (broken_copy / "grid2x2.rou.xml").unlink()
+    assert_one_line_error(reled("eval", "--scenario", str(broken_copy)), "grid2x2.rou.xml is missing")
+
+
+def test_corrupt_net_file(broken_copy):
+    net = broken_copy / "grid2x2.net.xml"
+    net.write_text(net.read_text()[:5000])
+    assert_one_line_error(reled("eval", "--scenario", str(broken_copy)), "SUMO could not load")
+
+
+def test_corrupt_scenario_toml(broken_copy):
+    (broken_copy / "scenario.toml").write_text("name = [unclosed")
+    assert_one_line_error(reled("eval", "--scenario", str(broken_copy)), "not valid TOML")
+
+
+def _sumo_children() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if p.name().startswith("sumo")]
+
+
+def test_sumo_dying_mid_episode_is_one_clear_error():
+    env = TrafficSignalEnv(scenario="grid2x2", backend="traci")
+    try:
+        env.reset(seed=0)
+        env.step(dict.fromkeys(env.agents, 1))
+        (child,) = _sumo_children()
+        child.kill()
+        child.wait(10)
+        with pytest.raises(RELEDError, match="SUMO stopped during the episode"):
+            for _ in range(5):
+                env.step(dict.fromkeys(env.agents, 0))
+    finally:
+        env.close()
+    assert not _sumo_children()
+
+
+def test_cli_reports_sumo_killed_mid_run():
+    proc = subprocess.Popen([*REL, "eval", "--scenario", "cologne8", "--backend", "traci", "--seeds", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli = psutil.Process(proc.pid)
+    seen: list[int] = []  # the first SUMO only reads the light programs; the second runs the episode
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        sumo = [p for p in cli.children(recursive=True) if p.name().startswith("sumo")]
+        seen += [p.pid for p in sumo if p.pid not in seen]
+        episode = [p for p in sumo if len(seen) >= 2 and p.pid == seen[1]]
+        with contextlib.suppress(psutil.Error):
+            if episode and any(c.status == psutil.CONN_ESTABLISHED for c in episode[0].net_connections("tcp")):
+                time.sleep(0.2)  # into the episode
+                episode[0].kill()
+                break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("the CLI never started the episode's SUMO")
+    out, err = proc.communicate(timeout=60)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    assert_one_line_error(result, "SUMO stopped during the episode")
+
+
+def test_module_entry_point_exists():
+    assert (Path(__file__).parent.parent / "trainer" / "__main__.py").is_file()
+    assert os.access(sys.executable, os.X_OK)
