@@ -22,7 +22,8 @@ app = typer.Typer(help="RELED trainer: SUMO scenarios, multi-agent environment, 
                   no_args_is_help=True, pretty_exceptions_enable=False)
 scenario_app = typer.Typer(help="Inspect and import scenarios.", no_args_is_help=True)
 app.add_typer(scenario_app, name="scenario")
-console = Console()
+# Wide tables when piped (CI logs, files) instead of rich's 80-column default.
+console = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
