@@ -16,8 +16,14 @@ log = logging.getLogger(__name__)
 
 @functools.cache
 def sumo_home() -> Path:
-    """SUMO_HOME from the environment, else the ``eclipse-sumo`` wheel's copy (also exported)."""
-    if env := os.environ.get("SUMO_HOME"):
+    """SUMO's root folder, also exported as ``SUMO_HOME`` for SUMO's tools and sumo-rl.
+
+    A ``SUMO_HOME`` that holds ``bin/sumo`` (a source build) wins; otherwise the ``eclipse-sumo``
+    wheel's folder. Some packages (libsumo's data wheel) point ``SUMO_HOME`` at a data-only folder
+    without binaries, so the variable alone is not trusted.
+    """
+    env = os.environ.get("SUMO_HOME")
+    if env and (Path(env) / "bin" / "sumo").exists():
         return Path(env)
     try:
         import sumo
