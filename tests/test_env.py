@@ -159,3 +159,21 @@ def test_bad_configuration_is_refused():
         TrafficSignalEnv(scenario="grid2x2", demand="rush")
     with pytest.raises(RELEDError, match="unknown scenario"):
         TrafficSignalEnv(scenario="atlantis")
+
+
+def test_detectors_reach_past_short_stub_lanes_but_stop_at_other_signals():
+    """Ingolstadt splits roads 1 m before junctions: the 200 m detector must continue upstream."""
+    env = TrafficSignalEnv(scenario="ingolstadt7", episode_seconds=10)
+    try:
+        env.reset(seed=0)
+        reader = env.lanes
+        stub = reader.lanes.index("10425609#1_1")
+        covered = [reader.segment_lanes[i] for i in np.flatnonzero(reader.owner == stub)]
+        assert any(lane.startswith("10425609#0_") for lane in covered), covered
+        signal_lanes = {ln for t in env.api.trafficlight.getIDList()
+                        for ln in env.api.trafficlight.getControlledLanes(t)}
+        for k, lane in enumerate(reader.lanes):
+            upstream = [reader.segment_lanes[i] for i in np.flatnonzero(reader.owner == k)][1:]
+            assert not set(upstream) & signal_lanes, f"{lane}'s detector crosses another signal"
+    finally:
+        env.close()

@@ -95,6 +95,7 @@ class TrafficSignalEnv(ParallelEnv):
         self._act_space = spaces.Discrete(MAX_PHASES)
         self._masks = {i.tls_id: action_mask(i.n_phases).astype(np.int8) for i in self.intersections}
         self._episode = 0
+        self.lanes: LaneReader | None = None
         self.last_metrics: EpisodeMetrics | None = None
         self.invalid_actions = 0
 
@@ -178,6 +179,18 @@ class TrafficSignalEnv(ParallelEnv):
     def _start(self, seed: int) -> None:
         self.api = self.sim.start(self._command(seed, self.config.collect_metrics, self.config.gui))
         self._time = float(self.api.simulation.getTime())
+        if self.lanes is None:
+            self._build_lane_index()
+        self.lanes.api = self.api
+        self._last_program_phase = [0] * len(self.intersections)
+        self.shields = [SafetyShield(i.n_phases, self.timing.signal, 0, self._time) for i in self.intersections]
+        self._shown: list[str | None] = [None] * len(self.intersections)
+        if not self.config.fixed_time:
+            self._apply_signals()
+        self.lanes.read()
+
+    def _build_lane_index(self) -> None:
+        """Detectors and index arrays: built once per net, on the first episode."""
         lanes = sorted({lane for i in self.intersections for lane in i.in_lanes})
         self._lane_index = {lane: k for k, lane in enumerate(lanes)}
         self._agent_lanes = [np.array([self._lane_index[lane] for lane in i.in_lanes]) for i in self.intersections]
@@ -186,11 +199,6 @@ class TrafficSignalEnv(ParallelEnv):
         out_index = {lane: k for k, lane in enumerate(self._out_lanes)}
         self._agent_out = [np.array([out_index[lane] for lane in i.out_lanes]) for i in self.intersections]
         self._build_feature_index()
-        self.shields = [SafetyShield(i.n_phases, self.timing.signal, 0, self._time) for i in self.intersections]
-        self._shown: list[str | None] = [None] * len(self.intersections)
-        if not self.config.fixed_time:
-            self._apply_signals()
-        self.lanes.read()
 
     def _build_feature_index(self) -> None:
         """Stack every agent's phase-lane incidence so features need one product per decision."""
@@ -208,7 +216,6 @@ class TrafficSignalEnv(ParallelEnv):
         self._slot_approach = slots_arr + APPROACHING_AT
         self._slot_wait = slots_arr + MAX_WAIT_AT
         self._obs_block = np.zeros((len(self.intersections), feature_size()), dtype=np.float32)
-        self._last_program_phase = [0] * len(self.intersections)
 
     def _advance_to(self, target: float) -> None:
         """Step SUMO through every shield event up to ``target``, switching signals on time."""
