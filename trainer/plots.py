@@ -12,19 +12,14 @@ import matplotlib.pyplot as plt
 from trainer.fileio import atomic_path
 
 
-def bar_chart(summary: dict[str, tuple[float, float]], ylabel: str, title: str, path: Path,
-              reference: dict[str, float] | None = None) -> Path:
-    """Bars of mean ± std per controller, with optional published reference values as markers."""
+def bar_chart(summary: dict[str, tuple[float, float]], ylabel: str, title: str, path: Path) -> Path:
+    """Bars of mean ± std per controller."""
     names = list(summary)
     means = [summary[n][0] for n in names]
     stds = [summary[n][1] for n in names]
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
     bars = ax.bar(names, means, yerr=stds, capsize=4, color="#4C72B0", label="this run (mean ± std)")
     ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], padding=3)
-    if reference:
-        xs = [i for i, n in enumerate(names) if n in reference]
-        ax.scatter(xs, [reference[names[i]] for i in xs], color="#DD8452", marker="D", zorder=3,
-                   label="published")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize=8)
