@@ -30,16 +30,16 @@ def test_short_cologne8_run_writes_positive_figures(tmp_path: Path) -> None:
                     "--repeats", "1", "--json", str(out)], capture_output=True, text=True, check=True,
                    timeout=300)
     data = json.loads(out.read_text())
-    assert {"config", "results", "comparisons", "targets", "all_passed", "runs"} <= data.keys()
+    assert {"config", "results", "comparisons", "targets", "all_passed", "same_traffic_passed", "runs"} <= data.keys()
 
     systems = {(r["system"], r["delta_s"]) for r in data["results"]}
     assert {("plain", None), ("sumo-binary", None)} <= systems
     for delta in (10.0, 5.0):
-        assert {("ours", delta), ("sumo-rl", delta), ("replay", delta)} <= systems
+        assert {("ours", delta), ("sumo-rl", delta), ("replay", delta), ("ours-fixed", delta)} <= systems
     for row in data["results"]:
         assert row["net"] == "cologne8"
         assert row["wall_s_median"] > 0 and row["sumo_s_median"] > 0
-        if row["system"] in ("ours", "sumo-rl"):
+        if row["system"] in ("ours", "ours-fixed", "sumo-rl"):
             assert row["agents"] == 8
             assert row["decisions_per_episode"] == 300 / row["delta_s"]
             assert row["agent_decisions_per_s"] > 0
@@ -48,7 +48,10 @@ def test_short_cologne8_run_writes_positive_figures(tmp_path: Path) -> None:
     for comp in data["comparisons"]:
         assert comp["sumo_rl_over_ours"] > 0
         assert comp["replay_matches_ours"], "replay of our signals must reproduce our traffic"
-        for key in ("overhead_vs_plain_pct", "overhead_vs_replay_pct", "ours_python_share_pct"):
+        assert comp["fixed_matches_plain"], "ours in fixed-time mode must reproduce plain SUMO's traffic"
+        for key in ("overhead_vs_plain_pct", "overhead_vs_replay_pct", "fixed_overhead_vs_plain_pct",
+                    "ours_python_share_pct"):
             assert isinstance(comp[key], float)
-    assert len(data["targets"]) == 4
+    assert len(data["targets"]) == 8
+    assert {t["kind"] for t in data["targets"]} == {"brief", "same traffic"}
     assert all(isinstance(t["passed"], bool) for t in data["targets"])

@@ -148,3 +148,8 @@ def test_cli_reports_sumo_killed_mid_run():
 def test_module_entry_point_exists():
     assert (Path(__file__).parent.parent / "trainer" / "__main__.py").is_file()
     assert os.access(sys.executable, os.X_OK)
+
+
+def test_gui_without_a_display_is_refused():
+    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
+    assert_one_line_error(reled("eval", "--scenario", "grid2x2", "--gui", env=env), "needs a display")

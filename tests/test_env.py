@@ -12,19 +12,14 @@ from trainer.errors import RELEDError
 from trainer.scenarios import DecisionTiming
 
 
-def test_parallel_api_on_a_grid():
-    env = TrafficSignalEnv(scenario="grid2x2", episode_seconds=600)
+@pytest.mark.parametrize(("scenario", "seconds", "cycles"), [
+    ("grid2x2", 600, 200),
+    pytest.param("cologne8", 1200, 400, marks=pytest.mark.slow),
+])
+def test_pettingzoo_parallel_api(scenario, seconds, cycles):
+    env = TrafficSignalEnv(scenario=scenario, episode_seconds=seconds)
     try:
-        parallel_api_test(env, num_cycles=200)
-    finally:
-        env.close()
-
-
-@pytest.mark.slow
-def test_parallel_api_on_cologne8():
-    env = TrafficSignalEnv(scenario="cologne8", episode_seconds=1200)
-    try:
-        parallel_api_test(env, num_cycles=400)
+        parallel_api_test(env, num_cycles=cycles)
     finally:
         env.close()
 
