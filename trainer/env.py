@@ -219,25 +219,33 @@ class TrafficSignalEnv(ParallelEnv):
 
     def _advance_to(self, target: float) -> None:
         """Step SUMO through every shield event up to ``target``, switching signals on time."""
-        fixed = self.config.fixed_time
-        while True:
-            event = target if fixed else min(min(s.next_event() for s in self.shields), target)
-            self.sim.step_to(event)
-            self._time = event
-            if not fixed:
-                for shield in self.shields:
-                    shield.advance(event)
-                self._apply_signals()
-            if event >= target:
-                break
+        if self.config.fixed_time:
+            self.sim.step_to(target)
+            self._time = target
+        else:
+            shields = self.shields
+            events = [s.next_event() for s in shields]
+            while True:
+                event = min(min(events), target)
+                self.sim.step_to(event)
+                self._time = event
+                due = [k for k, t in enumerate(events) if t <= event]
+                for k in due:
+                    shields[k].advance(event)
+                    events[k] = shields[k].next_event()
+                self._apply_signals(due)
+                if event >= target:
+                    break
         try:
             self.lanes.read()
         except self.sim.sumo_errors as exc:
             raise self.sim.guard(exc) from exc
 
-    def _apply_signals(self) -> None:
+    def _apply_signals(self, which: list[int] | range | None = None) -> None:
+        """Send the states of the given lights (default: all) to SUMO, only where they changed."""
         set_state = self.api.trafficlight.setRedYellowGreenState
-        for k, inter in enumerate(self.intersections):
+        for k in range(len(self.intersections)) if which is None else which:
+            inter = self.intersections[k]
             state = inter.state_string(self.shields[k].state)
             if state != self._shown[k]:
                 set_state(inter.tls_id, state)
@@ -270,7 +278,8 @@ class TrafficSignalEnv(ParallelEnv):
             block[agents, TIME_IN_PHASE_AT] = [s.green_elapsed(self._time) for s in self.shields]
             block[agents, MIN_GREEN_MET_AT] = [s.min_green_met(self._time) for s in self.shields]
         block[agents, CURRENT_PHASE_AT + phases] = 1.0
-        return {inter.tls_id: {"observation": block[k].copy(), "action_mask": self._masks[inter.tls_id]}
+        vectors = block.copy()  # rows stay valid after the next decision refills the block
+        return {inter.tls_id: {"observation": vectors[k], "action_mask": self._masks[inter.tls_id]}
                 for k, inter in enumerate(self.intersections)}
 
     def _program_phase(self, k: int) -> int:

@@ -5,9 +5,8 @@ Built once per net from TraCI; the environment then works on index arrays only.
 
 from __future__ import annotations
 
-import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,17 +39,22 @@ class Intersection:
     movements: tuple[tuple[int, int], ...]  # (in lane index, out lane index) per controlled link
     phase_movements: np.ndarray  # bool [n_phases, n_movements]
     approaches: int  # distinct incoming edges
+    _state_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def n_phases(self) -> int:
         return len(self.green_states)
 
     def state_string(self, state: SignalState) -> str:
-        return _state_string(self.green_states, state.stage, state.phase, state.target)
+        """SUMO link states shown for a shield state (memoised per light: few distinct states)."""
+        key = (state.stage, state.phase, state.target)
+        cache = self._state_cache
+        if key not in cache:
+            cache[key] = transition_state(self.green_states, *key)
+        return cache[key]
 
 
-@functools.cache
-def _state_string(greens: tuple[str, ...], stage: Stage, phase: int, target: int) -> str:
+def transition_state(greens: tuple[str, ...], stage: Stage, phase: int, target: int) -> str:
     """SUMO link states for a shield state.
 
     A link keeps its green through the change only if it keeps or gains priority (overlaps such

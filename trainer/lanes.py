@@ -69,8 +69,12 @@ class LaneReader:
                 segments.append(seg)
                 owners.append(k)
         self.segment_lanes = [s.lane for s in segments]
-        self.segment_start = np.array([s.start for s in segments])
         self.owner = np.array(owners, dtype=np.intp)
+        # Each SUMO lane is queried once per read, even when several detectors cover it.
+        self._distinct = list(dict.fromkeys(self.segment_lanes))
+        index = {lane: j for j, lane in enumerate(self._distinct)}
+        self._plan = [(index[s.lane], float(s.start)) for s in segments]
+        self._first_segment = np.flatnonzero(np.r_[True, self.owner[1:] != self.owner[:-1]])
         n, m = len(lanes), len(segments)
         self._seg_queue = np.zeros(m, dtype=np.float32)
         self._seg_moving = np.zeros(m, dtype=np.float32)
@@ -81,28 +85,33 @@ class LaneReader:
 
     def read(self) -> None:
         lane_api, veh_api = self.api.lane, self.api.vehicle
+        get_ids, get_halting = lane_api.getLastStepVehicleIDs, lane_api.getLastStepHaltingNumber
+        get_pos, get_speed = veh_api.getLanePosition, veh_api.getSpeed
+        vehicles = [get_ids(lane) for lane in self._distinct]
+        halting: dict[int, int] = {}
         queue, moving, wait = self._seg_queue, self._seg_moving, self._seg_wait
-        for i, lane in enumerate(self.segment_lanes):
-            ids = lane_api.getLastStepVehicleIDs(lane)
+        for i, (j, start) in enumerate(self._plan):
+            ids = vehicles[j]
             if not ids:
                 queue[i] = moving[i] = wait[i] = 0.0
                 continue
-            start = self.segment_start[i]
-            if start > 0.0:
+            if start == 0.0 or get_pos(ids[0]) >= start:  # the whole queue is inside the range
+                if j not in halting:
+                    halting[j] = get_halting(self._distinct[j])
+                halted, seen = halting[j], len(ids)
+            else:  # front to back (SUMO lists the front vehicle last) until out of range
                 halted = seen = 0
-                for vid in ids:
-                    if veh_api.getLanePosition(vid) >= start:
-                        seen += 1
-                        halted += veh_api.getSpeed(vid) < HALTING_SPEED
-            else:
-                halted, seen = lane_api.getLastStepHaltingNumber(lane), len(ids)
+                for vid in reversed(ids):
+                    if get_pos(vid) < start:
+                        break
+                    seen += 1
+                    halted += get_speed(vid) < HALTING_SPEED
             queue[i], moving[i] = halted, seen - halted
             wait[i] = veh_api.getWaitingTime(ids[-1])
-        for target, source in ((self.queue, queue), (self.approaching, moving)):
-            target.fill(0.0)
-            np.add.at(target, self.owner, source)
-        self.max_wait.fill(0.0)
-        np.maximum.at(self.max_wait, self.owner, wait)
+        n = len(self.lanes)
+        self.queue[:] = np.bincount(self.owner, queue, minlength=n)
+        self.approaching[:] = np.bincount(self.owner, moving, minlength=n)
+        self.max_wait[:] = np.maximum.reduceat(wait, self._first_segment)
 
     def vehicle_counts(self, lanes: list[str]) -> np.ndarray:
         """Vehicles on whole lanes (used for the outgoing side of pressure)."""
@@ -112,8 +121,6 @@ class LaneReader:
     def waiting_sums(self) -> np.ndarray:
         """Summed waiting seconds of the vehicles on each detector's lanes (for the `wait` reward)."""
         get = self.api.lane.getWaitingTime
-        per_segment = np.fromiter((get(lane) for lane in self.segment_lanes), dtype=np.float32,
-                                  count=len(self.segment_lanes))
-        sums = np.zeros(len(self.lanes), dtype=np.float32)
-        np.add.at(sums, self.owner, per_segment)
-        return sums
+        per_lane = [get(lane) for lane in self._distinct]
+        per_segment = np.array([per_lane[j] for j, _ in self._plan], dtype=np.float32)
+        return np.bincount(self.owner, per_segment, minlength=len(self.lanes)).astype(np.float32)
