@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from trainer.env import EnvConfig
 from trainer.errors import RELEDError
+from trainer.fileio import read_toml
 from trainer.scenarios import DecisionTiming
 
 ENV_KEYS = {f.name for f in dataclasses.fields(EnvConfig)} - {"timing", "sumo_args"}
@@ -20,12 +20,7 @@ def load_env_config(path: Path | None, **flags: Any) -> EnvConfig:
     values: dict[str, Any] = {}
     timing: dict[str, Any] = {}
     if path is not None:
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise RELEDError(f"config file {path} does not exist") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise RELEDError(f"config file {path} is not valid TOML: {exc}") from exc
+        data = read_toml(path)
         env = dict(data.pop("env", {}))
         timing = dict(data.pop("timing", {}))
         if data:

@@ -183,7 +183,7 @@ class TrafficSignalEnv(ParallelEnv):
             self._build_lane_index()
         self.lanes.api = self.api
         self._last_program_phase = [0] * len(self.intersections)
-        self.shields = [SafetyShield(i.n_phases, self.timing.signal, 0, self._time) for i in self.intersections]
+        self.shields = [SafetyShield(i.n_phases, self.timing, 0, self._time) for i in self.intersections]
         self._shown: list[str | None] = [None] * len(self.intersections)
         if not self.config.fixed_time:
             self._apply_signals()

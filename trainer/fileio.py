@@ -5,8 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from trainer.errors import RELEDError
 
 
 @contextlib.contextmanager
@@ -26,3 +30,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's contents, or a one-line error naming the file and the problem."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise RELEDError(f"{path} does not exist") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise RELEDError(f"{path} is not valid TOML: {exc}") from exc

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,30 +11,22 @@ import tomli_w
 
 from edge_runtime.shield import SignalTiming
 from trainer.errors import RELEDError
-from trainer.fileio import atomic_write_text
+from trainer.fileio import atomic_write_text, read_toml
 
 SCENARIO_FILE = "scenario.toml"
 
 
 @dataclass(frozen=True)
-class DecisionTiming:
-    """How often the policy decides, plus the shield's safety timings (RESCO preset by default)."""
+class DecisionTiming(SignalTiming):
+    """The shield's safety timings plus how often the policy decides (RESCO preset by default)."""
 
     delta: float = 10.0
-    yellow: float = 3.0
-    all_red: float = 2.0
-    min_green: float = 10.0
-    max_green: float = 60.0
-
-    @property
-    def signal(self) -> SignalTiming:
-        return SignalTiming(self.yellow, self.all_red, self.min_green, self.max_green)
 
     def __post_init__(self) -> None:
         if self.delta <= 0:
             raise RELEDError(f"decision interval must be > 0 s, got {self.delta}")
         try:
-            self.signal  # noqa: B018 - validates the safety timings
+            super().__post_init__()
         except ValueError as exc:
             raise RELEDError(f"bad signal timing: {exc}") from exc
 
@@ -87,12 +78,9 @@ class Scenario:
 def load_scenario_folder(folder: Path) -> Scenario:
     """Read ``folder/scenario.toml``; paths inside it are relative to the folder."""
     path = folder / SCENARIO_FILE
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise RELEDError(f"{folder} is not a scenario folder: {SCENARIO_FILE} is missing") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise RELEDError(f"{path} is not valid TOML: {exc}") from exc
+    if not path.is_file():
+        raise RELEDError(f"{folder} is not a scenario folder: {SCENARIO_FILE} is missing")
+    data = read_toml(path)
     try:
         demands = {
             name: DemandRegime(name, tuple(folder / r for r in d["routes"]), float(d.get("scale", 1.0)),
