@@ -30,7 +30,7 @@ from edge_runtime.features import (
     action_mask,
     feature_size,
 )
-from edge_runtime.shield import SafetyShield
+from edge_runtime.shield import SafetyShield, Stage
 from trainer.errors import RELEDError
 from trainer.intersections import Intersection, discover_intersection
 from trainer.lanes import LaneReader
@@ -185,6 +185,10 @@ class TrafficSignalEnv(ParallelEnv):
         self._last_program_phase = [0] * len(self.intersections)
         self.shields = [SafetyShield(i.n_phases, self.timing, 0, self._time) for i in self.intersections]
         self._shown: list[str | None] = [None] * len(self.intersections)
+        n = len(self.intersections)
+        self._green_phase = np.zeros(n, dtype=np.intp)
+        self._green = np.zeros(n, dtype=bool)
+        self._green_since = np.zeros(n)
         if not self.config.fixed_time:
             self._apply_signals()
         self.lanes.read()
@@ -198,6 +202,11 @@ class TrafficSignalEnv(ParallelEnv):
         self._out_lanes = sorted({lane for i in self.intersections for lane in i.out_lanes})
         out_index = {lane: k for k, lane in enumerate(self._out_lanes)}
         self._agent_out = [np.array([out_index[lane] for lane in i.out_lanes]) for i in self.intersections]
+        self._agent_in = np.zeros((len(self.intersections), len(lanes)), dtype=np.float32)
+        self._agent_outgoing = np.zeros((len(self.intersections), len(self._out_lanes)), dtype=np.float32)
+        for k in range(len(self.intersections)):
+            self._agent_in[k, self._agent_lanes[k]] = 1.0
+            self._agent_outgoing[k, self._agent_out[k]] = 1.0
         self._build_feature_index()
 
     def _build_feature_index(self) -> None:
@@ -216,6 +225,8 @@ class TrafficSignalEnv(ParallelEnv):
         self._slot_approach = slots_arr + APPROACHING_AT
         self._slot_wait = slots_arr + MAX_WAIT_AT
         self._obs_block = np.zeros((len(self.intersections), feature_size()), dtype=np.float32)
+        self._agent_range = np.arange(len(self.intersections))
+        self._agent_masks = [(i.tls_id, self._masks[i.tls_id]) for i in self.intersections]
 
     def _advance_to(self, target: float) -> None:
         """Step SUMO through every shield event up to ``target``, switching signals on time."""
@@ -242,14 +253,18 @@ class TrafficSignalEnv(ParallelEnv):
             raise self.sim.guard(exc) from exc
 
     def _apply_signals(self, which: list[int] | range | None = None) -> None:
-        """Send the states of the given lights (default: all) to SUMO, only where they changed."""
+        """Send the states of the given lights (default: all) to SUMO where they changed, and keep
+        the shield states the observation needs in arrays."""
         set_state = self.api.trafficlight.setRedYellowGreenState
         for k in range(len(self.intersections)) if which is None else which:
-            inter = self.intersections[k]
-            state = inter.state_string(self.shields[k].state)
+            inter, shield_state = self.intersections[k], self.shields[k].state
+            state = inter.state_string(shield_state)
             if state != self._shown[k]:
                 set_state(inter.tls_id, state)
                 self._shown[k] = state
+            self._green_phase[k] = shield_state.green_phase
+            self._green[k] = shield_state.stage is Stage.GREEN
+            self._green_since[k] = shield_state.since
 
     def _finish_episode(self, infos: dict[str, dict]) -> None:
         self.sim.close()
@@ -263,24 +278,24 @@ class TrafficSignalEnv(ParallelEnv):
     # -- observation, reward -------------------------------------------------------------------
     def _observe(self) -> dict[str, dict[str, np.ndarray]]:
         """All agents' vectors at once: one matrix product per feature over every served lane."""
-        lanes, served, block = self.lanes, self._served, self._obs_block
+        lanes, served, block, agents = self.lanes, self._served, self._obs_block, self._agent_range
         block.fill(0.0)
         flat = block.reshape(-1)
         flat[self._slot_queue] = served @ lanes.queue
         flat[self._slot_approach] = served @ lanes.approaching
         flat[self._slot_wait] = (served * lanes.max_wait).max(axis=1)
-        agents = np.arange(len(self.intersections))
         if self.config.fixed_time:
             phases = np.array([self._program_phase(k) for k in agents])
-            block[agents, MIN_GREEN_MET_AT] = 1.0
+            block[:, MIN_GREEN_MET_AT] = 1.0
         else:
-            phases = np.array([s.state.green_phase for s in self.shields])
-            block[agents, TIME_IN_PHASE_AT] = [s.green_elapsed(self._time) for s in self.shields]
-            block[agents, MIN_GREEN_MET_AT] = [s.min_green_met(self._time) for s in self.shields]
+            phases = self._green_phase
+            elapsed = np.where(self._green, self._time - self._green_since, 0.0)
+            block[:, TIME_IN_PHASE_AT] = elapsed
+            block[:, MIN_GREEN_MET_AT] = self._green & (elapsed >= self.timing.min_green)
         block[agents, CURRENT_PHASE_AT + phases] = 1.0
         vectors = block.copy()  # rows stay valid after the next decision refills the block
-        return {inter.tls_id: {"observation": vectors[k], "action_mask": self._masks[inter.tls_id]}
-                for k, inter in enumerate(self.intersections)}
+        return {tls: {"observation": vectors[k], "action_mask": mask}
+                for k, (tls, mask) in enumerate(self._agent_masks)}
 
     def _program_phase(self, k: int) -> int:
         """Green phase the net's own program shows (fixed-time mode); the last green during changes."""
@@ -302,18 +317,16 @@ class TrafficSignalEnv(ParallelEnv):
         return result
 
     def _rewards(self) -> dict[str, float]:
-        reward = self.config.reward
+        """Per agent, from its incoming lanes (``_agent_in`` sums lanes per agent in one product)."""
+        reward, lanes = self.config.reward, self.lanes
         if reward == "queue":
-            values = [-float(self.lanes.queue[idx].sum()) for idx in self._agent_lanes]
+            values = -(self._agent_in @ lanes.queue)
         elif reward == "wait":
-            sums = self.lanes.waiting_sums()
-            values = [-float(sums[idx].sum()) for idx in self._agent_lanes]
+            values = -(self._agent_in @ lanes.waiting_sums())
         else:
-            out_counts = self.lanes.vehicle_counts(self._out_lanes)
-            in_counts = self.lanes.queue + self.lanes.approaching
-            values = [-abs(float(in_counts[i].sum() - out_counts[o].sum()))
-                      for i, o in zip(self._agent_lanes, self._agent_out, strict=True)]
-        return {i.tls_id: v for i, v in zip(self.intersections, values, strict=True)}
+            incoming = self._agent_in @ (lanes.queue + lanes.approaching)
+            values = -np.abs(incoming - self._agent_outgoing @ lanes.vehicle_counts(self._out_lanes))
+        return dict(zip(self.possible_agents, values.tolist(), strict=True))
 
     def _infos(self) -> dict[str, dict]:
         pressures = self._pressures() if self.config.with_pressure else None
