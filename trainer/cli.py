@@ -216,6 +216,3 @@ def eval_command(
                   f"{resolved.name} ({demand}), {seeds} seed(s)", plot)
         console.print(f"wrote {plot}")
 
-
-def run() -> None:  # pragma: no cover - console-script shim
-    sys.exit(app())
