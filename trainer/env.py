@@ -183,6 +183,7 @@ class TrafficSignalEnv(ParallelEnv):
             self._build_lane_index()
         self.lanes.api = self.api
         self._last_program_phase = [0] * len(self.intersections)
+        self._out_counts, self._out_counts_time = np.zeros(0, dtype=np.float32), -np.inf
         self.shields = [SafetyShield(i.n_phases, self.timing, 0, self._time) for i in self.intersections]
         self._shown: list[str | None] = [None] * len(self.intersections)
         n = len(self.intersections)
@@ -207,6 +208,12 @@ class TrafficSignalEnv(ParallelEnv):
         for k in range(len(self.intersections)):
             self._agent_in[k, self._agent_lanes[k]] = 1.0
             self._agent_outgoing[k, self._agent_out[k]] = 1.0
+        # per agent: global in/out lane index of each movement, and phase x movement incidence
+        self._movement_index = [
+            (self._agent_lanes[k][[m[0] for m in inter.movements]],
+             self._agent_out[k][[m[1] for m in inter.movements]],
+             inter.phase_movements.astype(np.float32))
+            for k, inter in enumerate(self.intersections)]
         self._build_feature_index()
 
     def _build_feature_index(self) -> None:
@@ -305,16 +312,19 @@ class TrafficSignalEnv(ParallelEnv):
             self._last_program_phase[k] = inter.green_states.index(state)
         return self._last_program_phase[k]
 
+    def _outgoing_counts(self) -> np.ndarray:
+        """Vehicles on every outgoing lane, read at most once per decision (reward and infos share it)."""
+        if self._out_counts_time != self._time:
+            self._out_counts = self.lanes.vehicle_counts(self._out_lanes)
+            self._out_counts_time = self._time
+        return self._out_counts
+
     def _pressures(self) -> list[np.ndarray]:
         """Per phase: Σ over its green movements of (incoming vehicles in range - outgoing vehicles)."""
-        out_counts = self.lanes.vehicle_counts(self._out_lanes)
+        out_counts = self._outgoing_counts()
         in_counts = self.lanes.queue + self.lanes.approaching
-        result = []
-        for k, inter in enumerate(self.intersections):
-            mov = np.array(inter.movements)
-            per_move = in_counts[self._agent_lanes[k][mov[:, 0]]] - out_counts[self._agent_out[k][mov[:, 1]]]
-            result.append(inter.phase_movements.astype(np.float32) @ per_move)
-        return result
+        return [phase_moves @ (in_counts[move_in] - out_counts[move_out])
+                for move_in, move_out, phase_moves in self._movement_index]
 
     def _rewards(self) -> dict[str, float]:
         """Per agent, from its incoming lanes (``_agent_in`` sums lanes per agent in one product)."""
@@ -325,7 +335,7 @@ class TrafficSignalEnv(ParallelEnv):
             values = -(self._agent_in @ lanes.waiting_sums())
         else:
             incoming = self._agent_in @ (lanes.queue + lanes.approaching)
-            values = -np.abs(incoming - self._agent_outgoing @ lanes.vehicle_counts(self._out_lanes))
+            values = -np.abs(incoming - self._agent_outgoing @ self._outgoing_counts())
         return dict(zip(self.possible_agents, values.tolist(), strict=True))
 
     def _infos(self) -> dict[str, dict]:
