@@ -25,8 +25,8 @@ def load_env_config(path: Path | None, **flags: Any) -> EnvConfig:
         timing = dict(data.pop("timing", {}))
         if data:
             raise RELEDError(f"config file {path}: unknown section(s) {sorted(data)}; expected [env] and [timing]")
-        _check_keys(path, "env", env, ENV_KEYS)
-        _check_keys(path, "timing", timing, TIMING_KEYS)
+        check_keys(path, "env", env, ENV_KEYS)
+        check_keys(path, "timing", timing, TIMING_KEYS)
         values.update(env)
     timing.update({k: v for k, v in flags.pop("timing", {}).items() if v is not None})
     values.update({k: v for k, v in flags.items() if v is not None})
@@ -36,7 +36,7 @@ def load_env_config(path: Path | None, **flags: Any) -> EnvConfig:
         raise RELEDError(f"bad configuration value: {exc}") from exc
 
 
-def _check_keys(path: Path, section: str, given: dict[str, Any], allowed: set[str]) -> None:
+def check_keys(path: Path, section: str, given: dict[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(given) - allowed)
     if unknown:
         raise RELEDError(f"config file {path}: unknown key(s) {unknown} in [{section}]; "

@@ -1,0 +1,49 @@
+"""Acting with the shared actor: batched over agents, sampled (training) or greedy (evaluation).
+
+``PolicyController`` puts a trained actor behind the same interface as the heuristics, so
+`reled eval --policy` reports exactly the table and metrics that `reled eval --controller` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from trainer.controllers import Controller
+from trainer.controllers.base import Observations
+from trainer.marl.networks import Actor
+
+
+def stack_observations(observations: Observations, agents: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-agent dicts → obs [N, F] float32 and mask [N, P] bool, in ``agents`` order."""
+    obs = np.stack([observations[a]["observation"] for a in agents])
+    masks = np.stack([observations[a]["action_mask"] for a in agents]).astype(bool)
+    return obs, masks
+
+
+@torch.no_grad()
+def choose_actions(actor: Actor, obs: np.ndarray, masks: np.ndarray, deterministic: bool,
+                   generator: torch.Generator | None = None) -> np.ndarray:
+    """Masked argmax or a masked sample per agent."""
+    logits = actor(torch.from_numpy(obs), torch.from_numpy(masks))
+    if deterministic:
+        return logits.argmax(-1).numpy()
+    probs = torch.softmax(logits, -1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).numpy()
+
+
+class PolicyController(Controller):
+    """A trained actor as a controller: deterministic (most probable valid phase)."""
+
+    name: ClassVar[str] = "policy"
+
+    def __init__(self, actor: Actor, label: str = "policy"):
+        self.actor = actor.eval()
+        self.name = label  # type: ignore[misc]  # the row label in evaluation tables
+
+    def act(self, observations: Observations, infos: dict[str, dict[str, Any]]) -> dict[str, int]:
+        agents = list(observations)
+        obs, masks = stack_observations(observations, agents)
+        return dict(zip(agents, choose_actions(self.actor, obs, masks, True).tolist(), strict=True))

@@ -1,0 +1,184 @@
+"""`reled train`: collect episodes in parallel, update the PPO learner, evaluate, checkpoint, log.
+
+One update = ``episodes_per_update`` sampled episodes → GAE → epochs of minibatch steps. Every
+``eval_every`` updates the policy plays ``eval_episodes`` greedy episodes; the best evaluation
+keeps ``best.pt``. The last update ends with ``LAST_N`` greedy episodes of the final policy, whose
+mean delay is the run's headline figure (what a deployed policy would show, not its best episode).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.env import TrafficSignalEnv
+from trainer.errors import RELEDError
+from trainer.marl.checkpoint import check_scenario, load_checkpoint, save_checkpoint
+from trainer.marl.config import TrainConfig
+from trainer.marl.ppo import PPOLearner
+from trainer.marl.run_folder import (
+    BEST,
+    EVAL_COLUMNS,
+    EVALUATIONS_FILE,
+    LAST_N,
+    LATEST,
+    METRICS_FILE,
+    CsvLog,
+    RunProgress,
+    progress_from_dict,
+    progress_to_dict,
+    read_config,
+    write_config,
+    write_summary,
+)
+from trainer.marl.workers import ActorSpec, EpisodeJob, ProcessWorkers, RolloutWorkers
+from trainer.scenarios import get_scenario
+
+log = logging.getLogger(__name__)
+UpdateHook = Callable[[dict[str, Any]], None]
+SEED_STRIDE = 100_000  # training episode k of seed s plays SUMO seed s * SEED_STRIDE + k
+
+
+class TrainingRun:
+    """A run folder being trained; build with ``create`` or ``resume``."""
+
+    def __init__(self, folder: Path, config: TrainConfig, progress: RunProgress, learner_state: dict | None):
+        self.folder = folder
+        self.config = config
+        self.progress = progress
+        scenario = get_scenario(config.scenario)
+        scenario.demand(config.demand)
+        scenario.check_files()
+        probe = TrafficSignalEnv(config.env, resolved=scenario)
+        self.agents = list(probe.possible_agents)
+        self.n_phases = [i.n_phases for i in probe.intersections]
+        probe.close()
+        self.learner = PPOLearner(config, len(self.agents))
+        if learner_state is not None:
+            self.learner.load_state_dict(learner_state)
+        self.metrics = CsvLog(folder / METRICS_FILE)
+        self.evaluations = CsvLog(folder / EVALUATIONS_FILE, EVAL_COLUMNS)
+
+    @classmethod
+    def create(cls, folder: Path, config: TrainConfig) -> TrainingRun:
+        if folder.exists() and any(folder.iterdir()):
+            raise RELEDError(f"run folder {folder} already exists: use --resume {folder} to continue it, "
+                             "or --name to start another")
+        folder.mkdir(parents=True, exist_ok=True)
+        run = cls(folder, config, RunProgress(), None)
+        write_config(folder, config)
+        return run
+
+    @classmethod
+    def resume(cls, folder: Path, steps: int | None = None, workers: int | None = None) -> TrainingRun:
+        """Continue from latest.pt; ``steps`` may extend the budget, ``workers`` change the parallelism
+        (results do not depend on it)."""
+        config = read_config(folder)
+        data = load_checkpoint(folder / LATEST)
+        config = replace(config, **{k: v for k, v in (("steps", steps), ("workers", workers)) if v is not None})
+        progress = progress_from_dict(data["progress"])
+        if steps is not None and steps > progress.agent_steps:
+            progress.finished = False
+        run = cls(folder, config, progress, data["learner"])
+        check_scenario(data, folder / LATEST, config.scenario, run.agents, run.n_phases)
+        run.metrics.truncate_after(progress.updates)
+        run.evaluations.truncate_after(progress.updates)
+        write_config(folder, config)
+        return run
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self, on_update: UpdateHook | None = None, workers: RolloutWorkers | None = None) -> RunProgress:
+        torch.set_num_threads(self.config.threads)
+        spec = ActorSpec(self.config.ppo.hidden, self.config.ppo.layers, self.config.ppo.normalize_obs)
+        pool = workers or ProcessWorkers(self.config.workers, self.config.env, spec)
+        from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
+
+        writer = SummaryWriter(str(self.folder / "tb"), purge_step=self.progress.agent_steps or None)
+        try:
+            while not self.progress.finished:
+                row = self._update(pool)
+                writer_step = self.progress.agent_steps
+                for key, value in row.items():
+                    if isinstance(value, float) and math.isfinite(value):
+                        writer.add_scalar(key, value, writer_step)
+                if on_update:
+                    on_update(row)
+        finally:
+            writer.close()
+            if workers is None:
+                pool.close()
+        return self.progress
+
+    def _update(self, pool: RolloutWorkers) -> dict[str, Any]:
+        cfg, progress = self.config, self.progress
+        start = time.perf_counter()
+        jobs = [EpisodeJob(cfg.seed * SEED_STRIDE + progress.episodes + k) for k in range(cfg.episodes_per_update)]
+        episodes = pool.collect(self.learner.actor.state_dict(), jobs)
+        collected = time.perf_counter()
+        lr = cfg.ppo.lr * (1 - (1 - cfg.ppo.lr_final_fraction) * min(1.0, progress.agent_steps / cfg.steps))
+        stats = self.learner.update(self.learner.prepare(episodes), lr)
+        self.learner.observe(episodes)
+        learned = time.perf_counter()
+        progress.updates += 1
+        progress.episodes += len(episodes)
+        progress.agent_steps += sum(ep.agent_steps for ep in episodes)
+        final = progress.agent_steps >= cfg.steps
+        eval_delay = None
+        if final or progress.updates % cfg.eval_every == 0:
+            eval_delay = self._evaluate(pool, LAST_N if final else cfg.eval_episodes, final,
+                                        progress.wall_seconds + time.perf_counter() - start)
+        progress.wall_seconds += time.perf_counter() - start
+        progress.finished = final
+        row = {
+            "update": progress.updates, "agent_steps": progress.agent_steps, "episodes": progress.episodes,
+            "wall_seconds": progress.wall_seconds,
+            "train_delay": _mean(ep.metrics["avg_delay"] for ep in episodes),
+            "train_travel_time": _mean(ep.metrics["avg_travel_time"] for ep in episodes),
+            "train_reward": _mean(ep.mean_agent_return for ep in episodes),
+            "eval_delay": eval_delay,
+            **stats,
+            "collect_seconds": collected - start, "learn_seconds": learned - collected,
+            "sim_seconds": sum(ep.sim_seconds for ep in episodes),
+            "policy_seconds": sum(ep.policy_seconds for ep in episodes),
+        }
+        self.metrics.append(row)
+        self._checkpoint(eval_delay)
+        return row
+
+    def _evaluate(self, pool: RolloutWorkers, n: int, final: bool, wall: float) -> float:
+        progress = self.progress
+        jobs = [EpisodeJob(progress.eval_episodes + k, deterministic=True) for k in range(n)]
+        episodes = pool.collect(self.learner.actor.state_dict(), jobs)
+        progress.eval_episodes += n
+        for ep in episodes:
+            progress.history.append(ep.metrics["avg_delay"])
+            self.evaluations.append({"update": progress.updates, "agent_steps": progress.agent_steps,
+                                     "wall_seconds": wall, "final": int(final), "seed": ep.seed,
+                                     **{k: ep.metrics[k] for k in EVAL_COLUMNS[5:]}})
+        return _mean(ep.metrics["avg_delay"] for ep in episodes)
+
+    def _checkpoint(self, eval_delay: float | None) -> None:
+        progress = self.progress
+        improved = eval_delay is not None and eval_delay < progress.best_delay
+        if improved:
+            progress.best_delay, progress.best_update = float(eval_delay), progress.updates
+        payload = {"algo": self.config.algo, "scenario": self.config.scenario, "demand": self.config.demand,
+                   "agents": self.agents, "n_phases": self.n_phases, "config": self.config.as_dict(),
+                   "learner": self.learner.state_dict(), "progress": progress_to_dict(progress)}
+        save_checkpoint(self.folder / LATEST, payload)
+        if improved:
+            save_checkpoint(self.folder / BEST, payload)
+        write_summary(self.folder, self.config, progress)
+
+
+def _mean(values: Any) -> float:
+    return float(np.mean(list(values)))
+
