@@ -46,7 +46,7 @@ def test_unknown_controller():
 
 def test_adaptive_controllers_beat_random_on_a_real_grid():
     scenario = get_scenario("grid3x3")
-    results = evaluate(scenario, ["greedy", "max-pressure", "random"], [0, 1],
+    results = evaluate(scenario, [make_controller(n) for n in ("greedy", "max-pressure", "random")], [0, 1],
                        EnvConfig(scenario="grid3x3", episode_seconds=900))
     delay = {k: v[0] for k, v in summarise(results, "avg_delay").items()}
     assert delay["greedy"] < delay["random"] and delay["max-pressure"] < delay["random"]

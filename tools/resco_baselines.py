@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from trainer.controllers import make_controller
 from trainer.env import EnvConfig
 from trainer.evaluate import evaluate, summarise
 from trainer.fileio import atomic_path, atomic_write_text
@@ -42,7 +43,8 @@ def main() -> None:
     rows, results_json = [], {}
     for net in args.nets.split(","):
         scenario = get_scenario(net)
-        results = evaluate(scenario, CONTROLLERS, list(range(args.seeds)), EnvConfig(scenario=net))
+        results = evaluate(scenario, [make_controller(c) for c in CONTROLLERS], list(range(args.seeds)),
+                           EnvConfig(scenario=net))
         delay = summarise(results, "avg_delay")
         teleports = summarise(results, "teleports")
         results_json[net] = {c: {"delay_mean": m, "delay_std": s, "teleports_mean": teleports[c][0]}

@@ -1,50 +1,24 @@
-"""`reled`: scenarios, evaluation of controllers (training, demos and export arrive with later work)."""
+"""`reled`: scenarios, evaluation of controllers and policies; training commands live in ``cli_marl``."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from trainer.cli_common import console, err_console, user_errors
 from trainer.errors import RELEDError
 
 app = typer.Typer(help="RELED trainer: SUMO scenarios, multi-agent environment, controllers and evaluation.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 scenario_app = typer.Typer(help="Inspect and import scenarios.", no_args_is_help=True)
 app.add_typer(scenario_app, name="scenario")
-# Wide tables when piped (CI logs, files) instead of rich's 80-column default.
-console = Console() if sys.stdout.isatty() else Console(width=160)
-err_console = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def user_errors(func: F) -> F:
-    """Turn RELEDError into one red line on stderr and exit code 2."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except RELEDError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
@@ -149,32 +123,38 @@ def _parse_bbox(text: str) -> tuple[float, float, float, float]:
 @user_errors
 def eval_command(
     scenario: Annotated[str, typer.Option(help="Scenario name (see `reled scenarios`) or folder.")],
-    controller: Annotated[str, typer.Option(help="Controller(s), comma-separated: fixed, greedy, "
-                                                 "max-pressure, random.")] = "fixed",
+    controller: Annotated[str | None, typer.Option(help="Controller(s), comma-separated: fixed, greedy, "
+                                                        "max-pressure, random \\[default: fixed, unless "
+                                                        "--policy is given]")] = None,
+    policy: Annotated[list[Path] | None, typer.Option(help="Trained policy checkpoint (runs/NAME/best.pt or "
+                                                           "latest.pt); repeatable.")] = None,
     demand: Annotated[str, typer.Option(help="Demand regime: moderate or congested.")] = "moderate",
     seeds: Annotated[int, typer.Option(min=1, help="Episodes per controller (SUMO seeds).")] = 3,
     first_seed: Annotated[int, typer.Option(help="First SUMO seed; seeds are consecutive.")] = 0,
     backend: Annotated[str, typer.Option(help="libsumo (fast) or traci (sockets).")] = "libsumo",
-    episode_seconds: Annotated[float | None, typer.Option(help="Shorter episodes [default: scenario's "
+    episode_seconds: Annotated[float | None, typer.Option(help="Shorter episodes \\[default: scenario's "
                                                                "begin..end]")] = None,
     reward: Annotated[str, typer.Option(help="Reward reported to agents: queue, wait, pressure.")] = "queue",
-    config: Annotated[Path | None, typer.Option(help="TOML file with [env] and [timing] settings.")] = None,
-    delta: Annotated[float | None, typer.Option(help="Seconds between decisions [default: 10]")] = None,
-    yellow: Annotated[float | None, typer.Option(help="Yellow seconds [default: 3]")] = None,
-    all_red: Annotated[float | None, typer.Option(help="All-red seconds [default: 2]")] = None,
-    min_green: Annotated[float | None, typer.Option(help="Minimum green seconds [default: 10]")] = None,
-    max_green: Annotated[float | None, typer.Option(help="Maximum green seconds [default: 60]")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML file with \\[env] and \\[timing] settings.")] = None,
+    delta: Annotated[float | None, typer.Option(help="Seconds between decisions \\[default: 10]")] = None,
+    yellow: Annotated[float | None, typer.Option(help="Yellow seconds \\[default: 3]")] = None,
+    all_red: Annotated[float | None, typer.Option(help="All-red seconds \\[default: 2]")] = None,
+    min_green: Annotated[float | None, typer.Option(help="Minimum green seconds \\[default: 10]")] = None,
+    max_green: Annotated[float | None, typer.Option(help="Maximum green seconds \\[default: 60]")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every episode and the summary.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Bar chart PNG of average delay per controller.")] = None,
     gui: Annotated[bool, typer.Option(help="Watch in sumo-gui (needs a display; uses TraCI).")] = False,
 ) -> None:
-    """Evaluate controllers: a table per controller (one row per seed) and mean ± std over seeds."""
+    """Evaluate controllers and trained policies: a table per controller (one row per seed) and mean ± std
+    over seeds. Policies act deterministically (their most probable valid phase)."""
     from trainer.config import load_env_config
+    from trainer.controllers import make_controller
     from trainer.evaluate import evaluate
     from trainer.scenarios import get_scenario
     from trainer.sumo_tools import sumo_home
 
-    names = [c.strip() for c in controller.split(",") if c.strip()]
+    names = [c.strip() for c in (controller or ("" if policy else "fixed")).split(",") if c.strip()]
+    controllers = [make_controller(name) for name in names]
     if gui:
         if not os.environ.get("DISPLAY"):
             raise RELEDError("--gui needs a display, but DISPLAY is not set: run without --gui or on a desktop")
@@ -188,18 +168,22 @@ def eval_command(
     resolved.demand(demand)
     resolved.check_files()
     sumo_home()
+    if policy:
+        from trainer.marl.policy import load_policy_controller
+
+        controllers += [load_policy_controller(path, resolved, env_config) for path in policy]
     seed_list = list(range(first_seed, first_seed + seeds))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
                   disable=not err_console.is_terminal) as progress:
-        task = progress.add_task("evaluating", total=len(names) * len(seed_list))
+        task = progress.add_task("evaluating", total=len(controllers) * len(seed_list))
         done: dict[tuple[str, int], float] = {}
 
         def hook(name: str, seed: int, frac: float) -> None:
             done[(name, seed)] = frac
             progress.update(task, completed=sum(done.values()), description=f"{name} seed {seed}")
 
-        results = evaluate(resolved, names, seed_list, env_config, hook)
+        results = evaluate(resolved, controllers, seed_list, env_config, hook)
     from trainer.report import episode_tables, summary_table, write_eval_json
 
     for table in episode_tables(results):
@@ -216,3 +200,11 @@ def eval_command(
                   f"{resolved.name} ({demand}), {seeds} seed(s)", plot)
         console.print(f"wrote {plot}")
 
+
+def _register_training_commands() -> None:
+    from trainer.cli_marl import register
+
+    register(app)
+
+
+_register_training_commands()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainer.controllers import Controller, make_controller
+from trainer.controllers import Controller
 from trainer.env import EnvConfig, TrafficSignalEnv
 from trainer.metrics import EpisodeMetrics
 from trainer.scenarios import Scenario
@@ -52,9 +52,9 @@ def controller_env(scenario: Scenario, controller: Controller, config: EnvConfig
         env.close()
 
 
-def evaluate(scenario: Scenario, controller_names: list[str], seeds: list[int], config: EnvConfig,
+def evaluate(scenario: Scenario, controllers: list[Controller], seeds: list[int], config: EnvConfig,
              progress: ProgressHook | None = None) -> list[EpisodeResult]:
-    controllers = [make_controller(name) for name in controller_names]  # fail before any SUMO run
+    """Every controller over every seed (build controllers first, so bad names fail before SUMO runs)."""
     results = []
     for controller in controllers:
         with controller_env(scenario, controller, config) as env:

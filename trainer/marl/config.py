@@ -54,7 +54,7 @@ class TrainConfig:
     workers: int = 2  # SUMO worker processes
     seed: int = 0
     episodes_per_update: int = 2  # SUMO episodes collected per PPO update (independent of workers)
-    eval_every: int = 2  # updates between evaluations (deterministic actions)
+    eval_every: int = 5  # updates between evaluations (deterministic actions)
     eval_episodes: int = 2  # evaluation episodes each time (SUMO seeds continue across evaluations)
     threads: int = 2  # torch threads of the learner
     ppo: PPOConfig = field(default_factory=PPOConfig)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -13,7 +14,10 @@ import torch
 
 from trainer.controllers import Controller
 from trainer.controllers.base import Observations
+from trainer.env import EnvConfig, TrafficSignalEnv
+from trainer.marl.checkpoint import actor_from_checkpoint, check_scenario, load_checkpoint
 from trainer.marl.networks import Actor
+from trainer.scenarios import Scenario
 
 
 def stack_observations(observations: Observations, agents: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -47,3 +51,16 @@ class PolicyController(Controller):
         agents = list(observations)
         obs, masks = stack_observations(observations, agents)
         return dict(zip(agents, choose_actions(self.actor, obs, masks, True).tolist(), strict=True))
+
+
+def load_policy_controller(path: Path, scenario: Scenario, config: EnvConfig) -> PolicyController:
+    """A checkpoint as a controller, refused if it was trained for other intersections."""
+    data = load_checkpoint(path)
+    probe = TrafficSignalEnv(config, resolved=scenario)
+    try:
+        check_scenario(data, path, scenario.name, list(probe.possible_agents),
+                       [i.n_phases for i in probe.intersections])
+    finally:
+        probe.close()
+    label = f"{data['algo']}:{path.parent.name}/{path.stem}"
+    return PolicyController(actor_from_checkpoint(data), label)

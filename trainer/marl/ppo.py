@@ -45,7 +45,8 @@ class PPOLearner:
             obs = torch.from_numpy(ep.obs)
             all_obs = torch.cat([obs, torch.from_numpy(ep.last_obs)[None]])  # [T+1, N, F]
             raw_critic_in = critic_inputs(all_obs, self.centralized)
-            values = self.critic(self._normalized_critic_in(raw_critic_in.flatten(0, 1))).reshape(ep.obs.shape[0] + 1, -1)
+            values = self.critic(self._normalized_critic_in(raw_critic_in.flatten(0, 1)))
+            values = values.reshape(all_obs.shape[0], -1)
             rewards = torch.from_numpy(ep.rewards).float() / scale
             advantages, returns = gae(rewards, values[:-1], values[-1], self.ppo.gamma, self.ppo.gae_lambda)
             masks = torch.from_numpy(ep.masks)

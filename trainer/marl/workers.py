@@ -9,6 +9,7 @@ replayed; a worker that reports an error (bad scenario, SUMO refusing the net) s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import signal
@@ -208,10 +209,8 @@ class ProcessWorkers:
     def close(self) -> None:
         """Ask every worker to stop, then terminate and finally kill what is left: no orphan SUMO."""
         for worker in self.workers:
-            try:
+            with contextlib.suppress(BrokenPipeError, OSError):
                 worker.conn.send(("close",))
-            except (BrokenPipeError, OSError):
-                pass
         deadline = time.monotonic() + 10
         for worker in self.workers:
             worker.process.join(timeout=max(0.1, deadline - time.monotonic()))

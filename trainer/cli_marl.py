@@ -1,0 +1,151 @@
+"""`reled train` and `reled compare`: IPPO / MAPPO training runs and their comparison."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from trainer.cli_common import console, err_console, user_errors
+
+log = logging.getLogger(__name__)
+
+
+def train_command(
+    algo: Annotated[str | None, typer.Option(help="ippo (local critic) or mappo (centralized critic) "
+                                                  "[default: ippo]")] = None,
+    scenario: Annotated[str | None, typer.Option(help="Scenario name or folder \\[default: grid2x2]")] = None,
+    demand: Annotated[str | None, typer.Option(help="Demand regime \\[default: moderate]")] = None,
+    steps: Annotated[int | None, typer.Option(help="Agent-steps to train for (one intersection's decision "
+                                                   "each) \\[default: 300000]")] = None,
+    workers: Annotated[int | None, typer.Option(help="SUMO worker processes \\[default: 2]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the networks, sampling and SUMO \\[default: 0]")] = None,
+    episodes_per_update: Annotated[int | None, typer.Option(help="Episodes per PPO update \\[default: 2]")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Updates between evaluations \\[default: 5]")] = None,
+    eval_episodes: Annotated[int | None, typer.Option(help="Greedy episodes per evaluation \\[default: 2]")] = None,
+    backend: Annotated[str | None, typer.Option(help="libsumo or traci \\[default: libsumo]")] = None,
+    reward: Annotated[str | None, typer.Option(help="queue, wait or pressure \\[default: queue]")] = None,
+    episode_seconds: Annotated[float | None, typer.Option(help="Shorter episodes \\[default: the scenario's "
+                                                               "begin..end]")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML with \\[train], \\[ppo], \\[env], \\[timing]; flags win. "
+                                                     "See docs/training.md for every key.")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name \\[default: ALGO-SCENARIO-DEMAND-sSEED]")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
+    resume: Annotated[Path | None, typer.Option(help="Continue runs/NAME from latest.pt exactly; only --steps "
+                                                     "and --workers may change.")] = None,
+) -> None:
+    """Train a parameter-shared IPPO or MAPPO policy with parallel SUMO workers.
+
+    Writes runs/NAME/: config.toml, latest.pt, best.pt (best evaluation delay), metrics.csv,
+    evaluations.csv, summary.json, tb/ (TensorBoard) and curves.png. The headline figure is the
+    mean delay of the last 10 evaluation episodes (the final policy's), not the best episode.
+    """
+    from trainer.errors import RELEDError
+    from trainer.marl.config import load_train_config
+    from trainer.marl.training import TrainingRun
+
+    if resume is not None:
+        others = {"--algo": algo, "--scenario": scenario, "--demand": demand, "--seed": seed, "--config": config,
+                  "--name": name, "--backend": backend, "--reward": reward, "--episode-seconds": episode_seconds,
+                  "--episodes-per-update": episodes_per_update, "--eval-every": eval_every,
+                  "--eval-episodes": eval_episodes}
+        given = [flag for flag, value in others.items() if value is not None]
+        if given:
+            raise RELEDError(f"--resume continues the run's own settings; drop {', '.join(given)} "
+                             "(only --steps and --workers may change)")
+        run = TrainingRun.resume(resume, steps=steps, workers=workers)
+    else:
+        train_flags = {"algo": algo, "scenario": scenario, "demand": demand, "steps": steps, "workers": workers,
+                       "seed": seed, "episodes_per_update": episodes_per_update, "eval_every": eval_every,
+                       "eval_episodes": eval_episodes}
+        cfg = load_train_config(config, train=train_flags,
+                                env={"backend": backend, "reward": reward, "episode_seconds": episode_seconds})
+        folder = runs_dir / (name or f"{cfg.algo}-{cfg.scenario}-{cfg.demand}-s{cfg.seed}")
+        run = TrainingRun.create(folder, cfg)
+    _train_with_progress(run)
+
+
+def _train_with_progress(run: Any) -> None:
+    from trainer.marl.curves import learning_curves
+
+    cfg, progress = run.config, run.progress
+    console.print(f"[bold]{cfg.algo}[/] on {cfg.scenario}/{cfg.demand}, seed {cfg.seed}: {len(run.agents)} "
+                  f"agents, {cfg.steps:,} agent-steps, {cfg.workers} worker(s) → {run.folder}")
+    latest: dict[str, float] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
+                  disable=not err_console.is_terminal) as bar:
+        task = bar.add_task("training", total=cfg.steps, completed=progress.agent_steps)
+
+        def on_update(row: dict[str, Any]) -> None:
+            latest["train"] = row["train_delay"]
+            if row["eval_delay"] is not None:
+                latest["eval"] = row["eval_delay"]
+                learning_curves(run.folder)
+                if not err_console.is_terminal:
+                    console.print(f"update {row['update']}: {row['agent_steps']:,} agent-steps, train delay "
+                                  f"{row['train_delay']:.1f} s, eval delay {row['eval_delay']:.1f} s, "
+                                  f"{row['wall_seconds']:.0f} s")
+            eval_text = f", eval {latest['eval']:.1f}" if "eval" in latest else ""
+            bar.update(task, completed=min(row["agent_steps"], cfg.steps),
+                       description=f"update {row['update']} · delay {latest['train']:.1f} s{eval_text}")
+
+        try:
+            run.train(on_update)
+        except KeyboardInterrupt:
+            err_console.print(f"[yellow]interrupted[/]: latest.pt holds the last finished update; continue with "
+                              f"`reled train --resume {run.folder}`")
+            raise
+    from trainer.marl.run_folder import summary
+
+    s = summary(cfg, run.progress)
+    table = Table(title=f"{run.folder.name}")
+    for col in ("agent-steps", "updates", "last-10 eval delay (s)", "best eval delay (s)", "wall-clock"):
+        table.add_column(col)
+    std = f" ± {s['last10_delay_std']:.1f}" if s["last10_delay_std"] is not None else ""
+    table.add_row(f"{s['agent_steps']:,}", str(s["updates"]), f"{s['last10_delay']:.1f}{std}",
+                  f"{s['best_eval_delay']:.1f} (update {s['best_update']})", f"{s['wall_seconds'] / 60:.1f} min")
+    console.print(table)
+    console.print(f"wrote {run.folder}/ (best.pt, latest.pt, metrics.csv, curves.png, tb/)")
+
+
+def compare_command(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (runs/NAME); seeds of one setting are grouped.")],
+    plot: Annotated[Path, typer.Option(help="PNG of evaluation delay vs agent-steps, mean ± std.")]
+    = Path("compare.png"),
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the table as JSON.")] = None,
+) -> None:
+    """Compare runs: one table (last-10 and best evaluation delay, mean ± std over seeds) and one plot."""
+    import json
+
+    from trainer.fileio import atomic_write_text
+    from trainer.marl.compare import group_runs, summarise_groups
+    from trainer.marl.curves import compare_plot
+
+    groups = group_runs(runs)
+    rows = summarise_groups(groups)
+    table = Table(title="runs: evaluation average delay (s), mean ± std over seeds")
+    for col in ("setting", "seeds", "last-10 delay", "best delay", "agent-steps", "wall-clock"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.label, ",".join(map(str, r.seeds)), f"{r.last10[0]:.1f} ± {r.last10[1]:.1f}",
+                      f"{r.best[0]:.1f} ± {r.best[1]:.1f}", f"{r.agent_steps:,}", f"{r.wall_minutes:.1f} min")
+    console.print(table)
+    compare_plot(groups, plot, "evaluation delay during training")
+    console.print(f"wrote {plot}")
+    if json_out:
+        atomic_write_text(json_out, json.dumps([{"setting": r.label, "runs": [str(p) for p in r.runs],
+                                                 "seeds": r.seeds, "last10_mean": r.last10[0],
+                                                 "last10_std": r.last10[1], "best_mean": r.best[0],
+                                                 "best_std": r.best[1], "agent_steps": r.agent_steps,
+                                                 "wall_minutes": r.wall_minutes} for r in rows], indent=2) + "\n")
+        console.print(f"wrote {json_out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(user_errors(train_command))
+    app.command("compare")(user_errors(compare_command))

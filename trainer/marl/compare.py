@@ -1,0 +1,53 @@
+"""`reled compare`: several runs side by side, grouped by algorithm/scenario/demand over seeds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trainer.errors import RELEDError
+from trainer.marl.run_folder import read_summary
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    label: str
+    runs: list[Path]
+    seeds: list[int]
+    last10: tuple[float, float]  # mean ± std over runs of each run's last-10 evaluation delay
+    best: tuple[float, float]
+    agent_steps: int
+    wall_minutes: float
+
+
+def group_runs(folders: list[Path]) -> dict[str, list[Path]]:
+    """Runs that differ only by seed share a label (algo scenario/demand)."""
+    groups: dict[str, list[Path]] = {}
+    for folder in folders:
+        if not folder.is_dir():
+            raise RELEDError(f"{folder} is not a run folder")
+        s = read_summary(folder)
+        groups.setdefault(f"{s['algo']} {s['scenario']}/{s['demand']}", []).append(folder)
+    return groups
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.array(values, dtype=float)
+    if not len(arr):
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def summarise_groups(groups: dict[str, list[Path]]) -> list[GroupSummary]:
+    out = []
+    for label, folders in groups.items():
+        summaries = [read_summary(f) for f in folders]
+        out.append(GroupSummary(
+            label=label, runs=folders, seeds=[s["seed"] for s in summaries],
+            last10=_mean_std([s["last10_delay"] for s in summaries if s["last10_delay"] is not None]),
+            best=_mean_std([s["best_eval_delay"] for s in summaries if s["best_eval_delay"] is not None]),
+            agent_steps=int(np.mean([s["agent_steps"] for s in summaries])),
+            wall_minutes=float(np.mean([s["wall_seconds"] for s in summaries])) / 60))
+    return out
