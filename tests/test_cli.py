@@ -13,24 +13,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import REL, assert_one_line_error, reled
 
 from trainer.env import TrafficSignalEnv
 from trainer.errors import RELEDError
 from trainer.scenarios import get_scenario
-
-REL = [sys.executable, "-m", "trainer"]
-
-
-def reled(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*REL, *args], capture_output=True, text=True, timeout=600, **kw)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_eval_writes_tables_json_and_plot(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -69,6 +70,11 @@ def train_command(
     _train_with_progress(run)
 
 
+def _stop_like_ctrl_c(signum: int, frame: object) -> None:
+    """`kill` and systemd stop a run the way Ctrl-C does: workers closed, latest.pt kept."""
+    raise KeyboardInterrupt
+
+
 def _train_with_progress(run: Any) -> None:
     from trainer.marl.curves import learning_curves
 
@@ -94,12 +100,15 @@ def _train_with_progress(run: Any) -> None:
             bar.update(task, completed=min(row["agent_steps"], cfg.steps),
                        description=f"update {row['update']} · delay {latest['train']:.1f} s{eval_text}")
 
+        previous = signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
         try:
             run.train(on_update)
         except KeyboardInterrupt:
             err_console.print(f"[yellow]interrupted[/]: latest.pt holds the last finished update; continue with "
                               f"`reled train --resume {run.folder}`")
             raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     from trainer.marl.run_folder import summary
 
     s = summary(cfg, run.progress)

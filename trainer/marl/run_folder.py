@@ -39,7 +39,7 @@ class RunProgress:
     updates: int = 0
     agent_steps: int = 0
     episodes: int = 0  # training episodes played (their index seeds the next ones)
-    eval_episodes: int = 0  # evaluation episodes played (their index is their SUMO seed)
+    eval_episodes: int = 0  # periodic evaluation episodes played (their index sets their SUMO seed)
     wall_seconds: float = 0.0
     best_delay: float = math.inf
     best_update: int = -1

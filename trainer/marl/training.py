@@ -45,6 +45,7 @@ from trainer.scenarios import get_scenario
 log = logging.getLogger(__name__)
 UpdateHook = Callable[[dict[str, Any]], None]
 SEED_STRIDE = 100_000  # training episode k of seed s plays SUMO seed s * SEED_STRIDE + k
+PERIODIC_EVAL_SEED = 1_000  # periodic evaluation episode k plays SUMO seed 1000 + k
 
 
 class TrainingRun:
@@ -155,9 +156,13 @@ class TrainingRun:
 
     def _evaluate(self, pool: RolloutWorkers, n: int, final: bool, wall: float) -> float:
         progress = self.progress
-        jobs = [EpisodeJob(progress.eval_episodes + k, deterministic=True) for k in range(n)]
+        # final evaluations always play SUMO seeds 0..n-1 (those `reled eval` uses for the heuristics);
+        # periodic ones walk through their own seeds, untouched by a final evaluation before a resume
+        first = 0 if final else PERIODIC_EVAL_SEED + progress.eval_episodes
+        jobs = [EpisodeJob(first + k, deterministic=True) for k in range(n)]
         episodes = pool.collect(self.learner.actor.state_dict(), jobs)
-        progress.eval_episodes += n
+        if not final:
+            progress.eval_episodes += n
         for ep in episodes:
             progress.history.append(ep.metrics["avg_delay"])
             self.evaluations.append({"update": progress.updates, "agent_steps": progress.agent_steps,
