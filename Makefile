@@ -22,6 +22,11 @@ demo: install
 	$(BIN)/reled scenario import --osm $(SHARED)/data/osm/orlando/orlando_ucf.osm --name orlando --if-missing
 	$(BIN)/reled eval --scenario orlando --demand moderate --controller fixed,greedy,max-pressure \
 		--seeds 2 --json $(OUT)/demo_orlando.json --plot $(OUT)/demo_orlando.png
+	@test -f $(OUT)/runs/demo-ippo-cologne8/summary.json || $(BIN)/reled train --algo ippo --scenario cologne8 \
+		--steps 288000 --config configs/resco_timing.toml --runs-dir $(OUT)/runs --name demo-ippo-cologne8
+	$(BIN)/reled eval --scenario cologne8 --config configs/resco_timing.toml --seeds 3 \
+		--policy $(OUT)/runs/demo-ippo-cologne8/latest.pt --controller fixed,greedy,max-pressure \
+		--json $(OUT)/demo_cologne8.json --plot $(OUT)/demo_cologne8.png
 
 test: install
 	$(BIN)/ruff check .
@@ -35,6 +40,7 @@ lint: install
 
 bench: install
 	$(PY) tools/bench/env_throughput.py
+	$(PY) tools/bench/train_throughput.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache

@@ -184,3 +184,28 @@ def test_ctrl_c_stops_every_worker_and_the_run_resumes(tmp_path):
     resumed = reled("train", "--resume", str(runs / "r"), "--steps", str((done + 1) * 1440))
     assert resumed.returncode == 0, resumed.stderr
     assert load_checkpoint(latest)["progress"]["updates"] == done + 1
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_failing_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
+    runs = tmp_path / "runs"
+    args = ["--scenario", "grid2x2", "--episode-seconds", "300", "--eval-every", "1", "--eval-episodes", "1"]
+    assert reled("train", *args, "--steps", "240", "--runs-dir", str(runs), "--name", "r").returncode == 0
+    latest = runs / "r" / "latest.pt"
+    before = latest.read_bytes()
+    # the OS refuses files larger than 64 KiB: the next checkpoint (about 100 KiB) cannot be written
+    proc = subprocess.run([*REL, "train", "--resume", str(runs / "r"), "--steps", "480"], capture_output=True,
+                          text=True, timeout=300, preexec_fn=_file_size_limit(64 * 1024))
+    assert_one_line_error(proc, "could not write checkpoint", "File too large", "previous checkpoint is intact")
+    assert latest.read_bytes() == before
+    assert not [p for p in (runs / "r").iterdir() if p.name.endswith(".tmp")]
+    assert reled("train", "--resume", str(runs / "r"), "--steps", "480").returncode == 0
+    assert load_checkpoint(latest)["progress"]["updates"] == 2

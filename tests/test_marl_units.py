@@ -136,12 +136,11 @@ def test_a_full_disk_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
     ckpt.save_checkpoint(path, _payload())
     before = path.read_bytes()
 
-    def full_disk(obj, target):
-        with open(target, "wb") as fh:
-            fh.write(b"half a checkpoint")
+    def full_disk(target, data):
+        target.write_bytes(bytes(data[: len(data) // 2]))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    monkeypatch.setattr(ckpt, "write_durably", full_disk)
     with pytest.raises(RELEDError, match="No space left on device; the previous checkpoint is intact"):
         ckpt.save_checkpoint(path, _payload())
     assert path.read_bytes() == before

@@ -24,8 +24,13 @@ def bar_chart(summary: dict[str, tuple[float, float]], ylabel: str, title: str, 
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize=8)
     ax.margins(y=0.15)
+    return save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig: plt.Figure, path: Path, dpi: int = 110) -> Path:
+    """Lay out, write the PNG atomically, free the figure."""
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     return path

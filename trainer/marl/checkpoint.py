@@ -7,6 +7,8 @@ a mismatch is never discovered as a tensor shape error.
 
 from __future__ import annotations
 
+import io
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -23,13 +25,22 @@ FORMAT = "reled-marl-checkpoint/1"
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write ``path`` atomically: on any failure (a full disk) the previous file stays intact."""
+    buffer = io.BytesIO()  # torch.save turns write errors into RuntimeErrors; serialize first, then write
+    torch.save({"format": FORMAT, "schema_version": SCHEMA_VERSION, "feature_size": feature_size(),
+                "max_phases": MAX_PHASES, **payload}, buffer)
     try:
         with atomic_path(path) as tmp:
-            torch.save({"format": FORMAT, "schema_version": SCHEMA_VERSION, "feature_size": feature_size(),
-                        "max_phases": MAX_PHASES, **payload}, tmp)
+            write_durably(tmp, buffer.getbuffer())
     except OSError as exc:
         raise RELEDError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
                          "the previous checkpoint is intact (free some space and --resume)") from exc
+
+
+def write_durably(path: Path, data: memoryview) -> None:
+    with path.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

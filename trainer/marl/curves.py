@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from trainer.fileio import atomic_path
 from trainer.marl.run_folder import CURVES_FILE, EVALUATIONS_FILE, METRICS_FILE, CsvLog
+from trainer.plots import save_figure
 
 
 def _column(rows: list[dict[str, str]], key: str) -> np.ndarray:
@@ -44,16 +41,12 @@ def learning_curves(folder: Path) -> Path:
                               label="evaluation (greedy actions)")
         axes[1, col].plot(x, _column(metrics, "train_reward"), color="#4C72B0", lw=1)
         axes[1, col].set_xlabel("agent-steps" if col == 0 else "wall-clock (min)")
-    axes[0, 0].set_ylabel("average delay per vehicle (s)")
+    axes[0, 0].set_yscale("log")  # the first episodes are 5-10x worse than the plateau
+    axes[0, 0].set_ylabel("average delay per vehicle (s, log)")
     axes[1, 0].set_ylabel("episode reward per agent")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(folder.name)
-    fig.tight_layout()
-    path = folder / CURVES_FILE
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, folder / CURVES_FILE)
 
 
 def compare_plot(groups: dict[str, list[Path]], path: Path, title: str) -> Path:
@@ -73,8 +66,4 @@ def compare_plot(groups: dict[str, list[Path]], path: Path, title: str) -> Path:
     ax.set_ylabel("evaluation average delay (s)")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

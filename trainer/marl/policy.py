@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,6 +20,8 @@ from trainer.env import EnvConfig, TrafficSignalEnv
 from trainer.marl.checkpoint import actor_from_checkpoint, check_scenario, load_checkpoint
 from trainer.marl.networks import Actor
 from trainer.scenarios import Scenario
+
+log = logging.getLogger(__name__)
 
 
 def stack_observations(observations: Observations, agents: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -62,5 +66,10 @@ def load_policy_controller(path: Path, scenario: Scenario, config: EnvConfig) ->
                        [i.n_phases for i in probe.intersections])
     finally:
         probe.close()
+    trained = data["config"].get("timing")
+    now = asdict(config.timing or scenario.timing)
+    if trained is not None and trained != now:
+        log.warning("%s was trained with signal timing %s but is evaluated with %s (pass the run's --config)",
+                    path, trained, now)
     label = f"{data['algo']}:{path.parent.name}/{path.stem}"
     return PolicyController(actor_from_checkpoint(data), label)
