@@ -55,3 +55,21 @@ def test_short_cologne8_run_writes_positive_figures(tmp_path: Path) -> None:
     assert len(data["targets"]) == 8
     assert {t["kind"] for t in data["targets"]} == {"brief", "same traffic"}
     assert all(isinstance(t["passed"], bool) for t in data["targets"])
+
+
+TRAIN_SCRIPT = SCRIPT.with_name("train_throughput.py")
+
+
+def test_train_throughput_on_short_episodes_writes_both_worker_counts(tmp_path: Path) -> None:
+    out = tmp_path / "train.json"
+    subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--scenario", "grid2x2", "--updates", "1",
+                    "--episode-seconds", "300", "--json", str(out)], capture_output=True, text=True, check=True,
+                   timeout=300)
+    data = json.loads(out.read_text())
+    assert [r["workers"] for r in data["runs"]] == [1, 2]
+    for run in data["runs"]:
+        assert run["agent_steps"] == 2 * 30 * 4  # one timed update: 2 episodes × 30 decisions × 4 lights
+        assert run["agent_steps_per_second"] > 0
+        assert run["collect_share"] + run["learn_share"] == pytest.approx(1.0)
+        assert 0 < run["worker_sim_share"] < 1
+    assert data["speedup_2_over_1"] > 0

@@ -150,6 +150,13 @@ def test_cli_train_eval_policy_and_compare(tmp_path):
     assert_one_line_error(reled("train", "--scenario", "grid2x2", "--runs-dir", str(runs)), "--resume")
 
 
+def test_show_config_prints_every_default_and_the_flags():
+    proc = reled("train", "--algo", "mappo", "--steps", "1234", "--show-config")
+    assert proc.returncode == 0, proc.stderr
+    assert 'algo = "mappo"' in proc.stdout and "steps = 1234" in proc.stdout
+    assert "[ppo]" in proc.stdout and "entropy_coef = 0.01" in proc.stdout
+
+
 def test_cli_bad_training_input(tmp_path):
     assert_one_line_error(reled("train", "--algo", "qmix"), "unknown algorithm 'qmix'")
     assert_one_line_error(reled("train", "--scenario", "atlantis", "--runs-dir", str(tmp_path)), "atlantis")

@@ -38,6 +38,8 @@ def train_command(
     runs_dir: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
     resume: Annotated[Path | None, typer.Option(help="Continue runs/NAME from latest.pt exactly; only --steps "
                                                      "and --workers may change.")] = None,
+    show_config: Annotated[bool, typer.Option(help="Print the resolved configuration (every default, as TOML) "
+                                                   "and exit.")] = False,
 ) -> None:
     """Train a parameter-shared IPPO or MAPPO policy with parallel SUMO workers.
 
@@ -65,6 +67,11 @@ def train_command(
                        "eval_episodes": eval_episodes}
         cfg = load_train_config(config, train=train_flags,
                                 env={"backend": backend, "reward": reward, "episode_seconds": episode_seconds})
+        if show_config:
+            import tomli_w
+
+            console.print(tomli_w.dumps(cfg.as_dict()), markup=False, highlight=False)
+            return
         folder = runs_dir / (name or f"{cfg.algo}-{cfg.scenario}-{cfg.demand}-s{cfg.seed}")
         run = TrainingRun.create(folder, cfg)
     _train_with_progress(run)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from trainer.config import ENV_KEYS, TIMING_KEYS, check_keys
+from trainer.config import TIMING_KEYS, check_keys
 from trainer.env import EnvConfig
 from trainer.errors import RELEDError
 from trainer.fileio import read_toml
@@ -74,8 +74,7 @@ class TrainConfig:
     def as_dict(self) -> dict[str, Any]:
         """TOML-ready: sections [train], [ppo], [env], [timing]; None values left out."""
         train = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("ppo", "env")}
-        env = {k: v for k, v in dataclasses.asdict(self.env).items()
-               if v is not None and k not in ("timing", "sumo_args")}
+        env = {k: v for k, v in dataclasses.asdict(self.env).items() if v is not None and k in TRAIN_ENV_KEYS}
         out = {"train": train, "ppo": dataclasses.asdict(self.ppo), "env": env}
         if self.env.timing is not None:
             out["timing"] = dataclasses.asdict(self.env.timing)
@@ -83,6 +82,9 @@ class TrainConfig:
 
 
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"ppo", "env"}
+# what a training run may set in [env]; fixed-time mode, the GUI and metrics-off make no sense in training,
+# and scenario / demand belong to [train]
+TRAIN_ENV_KEYS = {"reward", "backend", "episode_seconds", "detector_range", "time_to_teleport"}
 PPO_KEYS = {f.name for f in dataclasses.fields(PPOConfig)}
 
 
@@ -90,7 +92,7 @@ def load_train_config(path: Path | None, *, train: dict[str, Any], ppo: dict[str
                       env: dict[str, Any] | None = None, timing: dict[str, Any] | None = None) -> TrainConfig:
     """File values first, then every flag that is not None; unknown keys and wrong types are refused."""
     sections: dict[str, dict[str, Any]] = {"train": {}, "ppo": {}, "env": {}, "timing": {}}
-    allowed = {"train": TRAIN_KEYS, "ppo": PPO_KEYS, "env": ENV_KEYS, "timing": TIMING_KEYS}
+    allowed = {"train": TRAIN_KEYS, "ppo": PPO_KEYS, "env": TRAIN_ENV_KEYS, "timing": TIMING_KEYS}
     source = "flags"
     if path is not None:
         source = f"config file {path}"
@@ -105,10 +107,6 @@ def load_train_config(path: Path | None, *, train: dict[str, Any], ppo: dict[str
             sections[name].update(given)
     for name, flags in (("train", train), ("ppo", ppo or {}), ("env", env or {}), ("timing", timing or {})):
         sections[name].update({k: v for k, v in flags.items() if v is not None})
-    # the run's scenario and demand live in [train]; the environment follows them
-    for key in ("scenario", "demand"):
-        if key in sections["env"]:
-            sections["train"].setdefault(key, sections["env"].pop(key))
     for name, cls in (("train", TrainConfig), ("ppo", PPOConfig), ("env", EnvConfig), ("timing", DecisionTiming)):
         _check_types(source, name, sections[name], cls)
     train_values = sections["train"]
