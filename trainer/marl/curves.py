@@ -49,19 +49,26 @@ def learning_curves(folder: Path) -> Path:
     return save_figure(fig, folder / CURVES_FILE)
 
 
-def compare_plot(groups: dict[str, list[Path]], path: Path, title: str) -> Path:
-    """Evaluation delay vs agent-steps, mean ± std over the runs (seeds) of each group."""
+def compare_plot(groups: dict[str, list[Path]], path: Path, title: str,
+                 references: dict[str, float] | None = None) -> Path:
+    """Evaluation delay vs agent-steps, mean ± std over the runs (seeds) of each group; ``references``
+    (e.g. heuristics' delays) are drawn as dashed horizontal lines."""
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for label, folders in groups.items():
         curves = [_eval_means(CsvLog(f / EVALUATIONS_FILE).read()) for f in folders]
         curves = [c for c in curves if len(c[0])]
         if not curves:
             continue
-        grid = np.linspace(0, min(c[0][-1] for c in curves), 60)
+        grid = np.linspace(max(c[0][0] for c in curves), min(c[0][-1] for c in curves), 60)
         values = np.stack([np.interp(grid, c[0], c[2]) for c in curves])
         mean, std = values.mean(0), values.std(0)
         line, = ax.plot(grid, mean, label=f"{label} (n={len(curves)})")
         ax.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    for k, (label, value) in enumerate((references or {}).items()):
+        ax.axhline(value, ls="--", lw=1, color=f"C{k + len(groups)}", label=f"{label} ({value:.1f} s)")
+    if references:  # zoom on the comparison; the first, much worse evaluations run off the top
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, min(high, 1.6 * max(references.values())))
     ax.set_xlabel("agent-steps")
     ax.set_ylabel("evaluation average delay (s)")
     ax.set_title(title)

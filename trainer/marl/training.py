@@ -73,8 +73,8 @@ class TrainingRun:
         if folder.exists() and any(folder.iterdir()):
             raise RELEDError(f"run folder {folder} already exists: use --resume {folder} to continue it, "
                              "or --name to start another")
+        run = cls(folder, config, RunProgress(), None)  # checks the scenario before anything is written
         folder.mkdir(parents=True, exist_ok=True)
-        run = cls(folder, config, RunProgress(), None)
         write_config(folder, config)
         return run
 
