@@ -82,7 +82,7 @@ def main() -> None:
     for r in results:
         table.add_row(str(r["workers"]), f"{r['agent_steps_per_second']:,.0f}", f"{r['collect_share']:.0%}",
                       f"{r['learn_share']:.0%}", f"{r['worker_sim_share']:.0%}", f"{1 - r['worker_sim_share']:.0%}")
-    console = Console()
+    console = Console(width=120)
     console.print(table)
     console.print(f"2 workers / 1 worker: {speedup:.2f}x agent-steps/s")
     atomic_write_text(args.json, json.dumps({"scenario": args.scenario, "runs": results,
