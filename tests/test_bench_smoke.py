@@ -19,17 +19,21 @@ pytest.importorskip("libsumo")
 pytest.importorskip("sumo_rl")
 
 
+def bench_json(script: Path, out: Path, *args: str) -> dict:
+    """Run a benchmark script with ``--json out`` and return what it wrote."""
+    subprocess.run([sys.executable, str(script), *args, "--json", str(out)], capture_output=True, text=True,
+                   check=True, timeout=300)
+    return json.loads(out.read_text())
+
+
 def test_help() -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, check=True)
     assert "--episode-seconds" in proc.stdout and "--json" in proc.stdout
 
 
 def test_short_cologne8_run_writes_positive_figures(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, str(SCRIPT), "--nets", "cologne8", "--episode-seconds", "300",
-                    "--repeats", "1", "--json", str(out)], capture_output=True, text=True, check=True,
-                   timeout=300)
-    data = json.loads(out.read_text())
+    data = bench_json(SCRIPT, tmp_path / "bench.json", "--nets", "cologne8", "--episode-seconds", "300",
+                      "--repeats", "1")
     assert {"config", "results", "comparisons", "targets", "all_passed", "same_traffic_passed", "runs"} <= data.keys()
 
     systems = {(r["system"], r["delta_s"]) for r in data["results"]}
@@ -61,11 +65,8 @@ TRAIN_SCRIPT = SCRIPT.with_name("train_throughput.py")
 
 
 def test_train_throughput_on_short_episodes_writes_both_worker_counts(tmp_path: Path) -> None:
-    out = tmp_path / "train.json"
-    subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--scenario", "grid2x2", "--updates", "1",
-                    "--episode-seconds", "300", "--json", str(out)], capture_output=True, text=True, check=True,
-                   timeout=300)
-    data = json.loads(out.read_text())
+    data = bench_json(TRAIN_SCRIPT, tmp_path / "train.json", "--scenario", "grid2x2", "--updates", "1",
+                      "--episode-seconds", "300")
     assert [r["workers"] for r in data["runs"]] == [1, 2]
     for run in data["runs"]:
         assert run["agent_steps"] == 2 * 30 * 4  # one timed update: 2 episodes × 30 decisions × 4 lights
