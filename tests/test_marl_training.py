@@ -83,28 +83,42 @@ def test_resume_continues_exactly(tmp_path):
     assert len(CsvLog(split / "metrics.csv").read()) == 4
 
 
-def test_a_worker_killed_mid_episode_is_restarted_and_the_episode_replayed(caplog):
+def _kill_while_playing(worker, victim_pid, after: float) -> threading.Thread:
+    """SIGKILL ``victim_pid()`` ``after`` seconds into ``worker``'s next episode."""
+    def kill() -> None:
+        while worker.job is None:
+            time.sleep(0.005)
+        time.sleep(after)
+        os.kill(victim_pid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=kill)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("victim", ["worker", "traci-sumo"])
+def test_a_crash_mid_episode_restarts_the_worker_and_replays_the_episode(caplog, victim):
     spec = ActorSpec(16, 1, True)
-    env = EnvConfig(scenario="grid3x3")
+    env = EnvConfig(scenario="grid3x3", backend="traci" if victim == "traci-sumo" else "libsumo")
     with ProcessWorkers(1, env, spec) as pool:
         actor_state = spec.build().state_dict()
         reference = pool.collect(actor_state, [EpisodeJob(seed=5)])[0]
-        victim = pool.workers[0]
-
-        def kill_once_playing() -> None:
-            while victim.job is None:
-                time.sleep(0.005)
-            time.sleep(0.05)
-            os.kill(victim.process.pid, signal.SIGKILL)
-
-        killer = threading.Thread(target=kill_once_playing)
-        killer.start()
+        worker = pool.workers[0]
+        halfway = reference.sim_seconds / 2  # well past SUMO's start, well before the end
+        if victim == "worker":
+            killer = _kill_while_playing(worker, lambda: worker.process.pid, halfway)
+        else:  # the SUMO child process that TraCI talks to
+            killer = _kill_while_playing(worker, lambda: next(
+                c.pid for c in psutil.Process(worker.process.pid).children() if "sumo" in c.name()), halfway)
         with caplog.at_level(logging.WARNING, logger="trainer.marl.workers"):
             replayed = pool.collect(actor_state, [EpisodeJob(seed=5)])[0]
         killer.join()
-        assert victim.process.exitcode == -signal.SIGKILL
-        assert pool.restarts == 1 and pool.workers[0] is not victim
-        assert "died (exit code -9) during an episode" in caplog.text
+        assert pool.restarts == 1 and pool.workers[0] is not worker
+        assert "during an episode; restarting it and replaying the episode" in caplog.text
+        if victim == "worker":
+            assert worker.process.exitcode == -signal.SIGKILL
+        else:
+            assert "SUMO failed in worker 0" in caplog.text
     # the dropped partial episode was replayed from the start with the same seed
     assert np.array_equal(replayed.actions, reference.actions)
     assert replayed.metrics == reference.metrics

@@ -95,7 +95,11 @@ def _worker_main(conn: Connection, env_config: EnvConfig, spec: ActorSpec) -> No
     torch.set_num_threads(1)
     env = None
     try:
-        env = TrafficSignalEnv(env_config)
+        try:
+            env = TrafficSignalEnv(env_config)
+        except RELEDError as exc:  # the scenario itself is unusable: stop the run
+            conn.send(("error", str(exc)))
+            return
         actor = spec.build().eval()
         conn.send(("ready", None))
         while True:
@@ -103,11 +107,14 @@ def _worker_main(conn: Connection, env_config: EnvConfig, spec: ActorSpec) -> No
             if message[0] == "weights":
                 actor.load_state_dict(message[1])
             elif message[0] == "episode":
-                conn.send(("episode", play_episode(env, actor, message[1])))
+                try:
+                    episode = play_episode(env, actor, message[1])
+                except RELEDError as exc:  # SUMO died mid-episode (TraCI's SUMO is a separate process)
+                    conn.send(("crashed", str(exc)))
+                    return
+                conn.send(("episode", episode))
             else:
                 break
-    except RELEDError as exc:
-        conn.send(("error", str(exc)))
     except (EOFError, BrokenPipeError, SystemExit):
         pass
     finally:
@@ -166,7 +173,10 @@ class ProcessWorkers:
                 except (EOFError, ConnectionResetError, OSError):
                     self._replace_dead(worker, pending, attempts)
                     continue
-                if kind == "ready":
+                if kind == "crashed":
+                    log.warning("SUMO failed in worker %d: %s", worker.index, payload)
+                    self._replace_dead(worker, pending, attempts)
+                elif kind == "ready":
                     worker.ready = True
                 elif kind == "error":
                     raise RELEDError(f"SUMO worker {worker.index} failed: {payload}")
@@ -193,7 +203,7 @@ class ProcessWorkers:
                 raise RELEDError(f"SUMO worker died {attempts[worker.job]} times on the same episode "
                                  f"(last exit code {code}); see the log above")
             pending.insert(0, worker.job)
-            log.warning("SUMO worker %d died (exit code %s) during an episode; restarting it and replaying "
+            log.warning("SUMO worker %d stopped (exit code %s) during an episode; restarting it and replaying "
                         "the episode (its partial rollout is dropped)", worker.index, code)
         elif not worker.ready:
             self._startup_failures += 1
