@@ -119,21 +119,24 @@ class TrafficSignalEnv(ParallelEnv):
         if not self.agents:
             raise RELEDError("step() called on a finished episode: call reset() first")
         now = self.time
-        if not self.config.fixed_time:
-            for k, inter in enumerate(self.intersections):
-                action = actions.get(inter.tls_id)
-                if action is None:
-                    continue
-                if not 0 <= int(action) < inter.n_phases:
-                    self.invalid_actions += 1
-                    continue
-                self.shields[k].propose(int(action), now)
-            self._apply_signals()
-        self._advance_to(min(now + self.timing.delta, self.end_time))
-        obs = self._observe()
-        rewards = self._rewards()
+        try:
+            if not self.config.fixed_time:
+                for k, inter in enumerate(self.intersections):
+                    action = actions.get(inter.tls_id)
+                    if action is None:
+                        continue
+                    if not 0 <= int(action) < inter.n_phases:
+                        self.invalid_actions += 1
+                        continue
+                    self.shields[k].propose(int(action), now)
+                self._apply_signals()
+            self._advance_to(min(now + self.timing.delta, self.end_time))
+            obs = self._observe()
+            rewards = self._rewards()
+            infos = self._infos()
+        except self.sim.sumo_errors as exc:  # SUMO died between two calls (TraCI: its process was killed)
+            raise self.sim.guard(exc) from exc
         done = self.time >= self.end_time - 1e-6
-        infos = self._infos()
         if done:
             self._finish_episode(infos)
         terminations = dict.fromkeys(obs, False)
@@ -254,10 +257,7 @@ class TrafficSignalEnv(ParallelEnv):
                 self._apply_signals(due)
                 if event >= target:
                     break
-        try:
-            self.lanes.read()
-        except self.sim.sumo_errors as exc:
-            raise self.sim.guard(exc) from exc
+        self.lanes.read()
 
     def _apply_signals(self, which: list[int] | range | None = None) -> None:
         """Send the states of the given lights (default: all) to SUMO where they changed, and keep
