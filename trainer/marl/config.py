@@ -106,7 +106,11 @@ def load_train_config(path: Path | None, *, train: dict[str, Any], ppo: dict[str
             check_keys(path, name, given, allowed[name])
             sections[name].update(given)
     for name, flags in (("train", train), ("ppo", ppo or {}), ("env", env or {}), ("timing", timing or {})):
-        sections[name].update({k: v for k, v in flags.items() if v is not None})
+        given = {k: v for k, v in flags.items() if v is not None}
+        unknown = sorted(set(given) - allowed[name])
+        if unknown:
+            raise RELEDError(f"unknown [{name}] setting(s) {unknown}; allowed: {', '.join(sorted(allowed[name]))}")
+        sections[name].update(given)
     for name, cls in (("train", TrainConfig), ("ppo", PPOConfig), ("env", EnvConfig), ("timing", DecisionTiming)):
         _check_types(source, name, sections[name], cls)
     train_values = sections["train"]
@@ -114,12 +118,6 @@ def load_train_config(path: Path | None, *, train: dict[str, Any], ppo: dict[str
     env_cfg = EnvConfig(**sections["env"], scenario=train_values.get("scenario", TrainConfig.scenario),
                         demand=train_values.get("demand", TrainConfig.demand), timing=timing_cfg)
     return TrainConfig(**train_values, ppo=PPOConfig(**sections["ppo"]), env=env_cfg)
-
-
-def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    """Rebuild a config saved with ``as_dict`` (run folders, checkpoints)."""
-    return load_train_config(None, train=dict(data.get("train", {})), ppo=dict(data.get("ppo", {})),
-                             env=dict(data.get("env", {})), timing=dict(data.get("timing", {})))
 
 
 def _check_types(source: str, section: str, values: dict[str, Any], cls: type) -> None:

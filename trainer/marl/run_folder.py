@@ -17,8 +17,8 @@ import numpy as np
 import tomli_w
 
 from trainer.errors import RELEDError
-from trainer.fileio import atomic_write_text, read_toml
-from trainer.marl.config import TrainConfig, train_config_from_dict
+from trainer.fileio import atomic_write_text
+from trainer.marl.config import TrainConfig, load_train_config
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.csv"
@@ -55,7 +55,7 @@ def read_config(folder: Path) -> TrainConfig:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise RELEDError(f"{folder} is not a training run (no {CONFIG_FILE}); give a folder made by `reled train`")
-    return train_config_from_dict(read_toml(path))
+    return load_train_config(path, train={})
 
 
 class CsvLog:
