@@ -152,6 +152,10 @@ def test_cli_train_eval_policy_and_compare(tmp_path):
                  "--seeds", "2", "--episode-seconds", "300")
     assert proc.returncode == 0, proc.stderr
     assert "ippo:ippo-grid2x2-moderate-s0/best" in proc.stdout and "greedy" in proc.stdout
+    assert "trained with signal timing" not in proc.stderr
+    proc = reled("eval", "--scenario", "grid2x2", "--policy", str(run / "best.pt"), "--seeds", "1",
+                 "--episode-seconds", "300", "--all-red", "0")
+    assert proc.returncode == 0 and "trained with signal timing" in " ".join(proc.stderr.split()), proc.stderr
     png = tmp_path / "compare.png"
     proc = reled("compare", str(run), str(runs / "ippo-grid2x2-moderate-s1"), "--plot", str(png))
     assert proc.returncode == 0, proc.stderr

@@ -85,7 +85,7 @@ def _episode(steps: int = 20, agents: int = 2, seed: int = 0) -> Episode:
     obs = rng.random((steps, agents, feature_size())).astype(np.float32)
     masks = np.zeros((steps, agents, MAX_PHASES), dtype=bool)
     masks[..., :2] = True
-    return Episode(seed=seed, deterministic=False, obs=obs, masks=masks,
+    return Episode(seed=seed, obs=obs, masks=masks,
                    actions=rng.integers(0, 2, (steps, agents)), rewards=-rng.random((steps, agents)).astype(np.float32),
                    last_obs=obs[-1])
 

@@ -61,6 +61,8 @@ class TrainConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
 
     def __post_init__(self) -> None:
+        # the environment plays the run's scenario and demand: derived here, never set twice
+        object.__setattr__(self, "env", dataclasses.replace(self.env, scenario=self.scenario, demand=self.demand))
         if self.algo not in ALGOS:
             raise RELEDError(f"unknown algorithm {self.algo!r}: choose one of {', '.join(ALGOS)}")
         for name in ("steps", "workers", "episodes_per_update", "eval_every", "eval_episodes", "threads"):
@@ -113,11 +115,9 @@ def load_train_config(path: Path | None, *, train: dict[str, Any], ppo: dict[str
         sections[name].update(given)
     for name, cls in (("train", TrainConfig), ("ppo", PPOConfig), ("env", EnvConfig), ("timing", DecisionTiming)):
         _check_types(source, name, sections[name], cls)
-    train_values = sections["train"]
     timing_cfg = DecisionTiming(**sections["timing"]) if sections["timing"] else None
-    env_cfg = EnvConfig(**sections["env"], scenario=train_values.get("scenario", TrainConfig.scenario),
-                        demand=train_values.get("demand", TrainConfig.demand), timing=timing_cfg)
-    return TrainConfig(**train_values, ppo=PPOConfig(**sections["ppo"]), env=env_cfg)
+    return TrainConfig(**sections["train"], ppo=PPOConfig(**sections["ppo"]),
+                       env=EnvConfig(**sections["env"], timing=timing_cfg))
 
 
 def _check_types(source: str, section: str, values: dict[str, Any], cls: type) -> None:

@@ -66,9 +66,9 @@ def load_policy_controller(path: Path, scenario: Scenario, config: EnvConfig) ->
                        [i.n_phases for i in probe.intersections])
     finally:
         probe.close()
-    trained = data["config"].get("timing")
+    trained = data["config"].get("timing") or asdict(scenario.timing)  # none saved: the scenario's own
     now = asdict(config.timing or scenario.timing)
-    if trained is not None and trained != now:
+    if trained != now:
         log.warning("%s was trained with signal timing %s but is evaluated with %s (pass the run's --config)",
                     path, trained, now)
     label = f"{data['algo']}:{path.parent.name}/{path.stem}"

@@ -7,9 +7,10 @@ any point leaves a folder that `--resume`, `reled compare` and a spreadsheet can
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +71,11 @@ class CsvLog:
         if not rows:
             return
         self.columns = list(rows[0])
-        keep = [r for r in rows if int(r["update"]) <= update]
-        lines = [",".join(self.columns)] + [",".join(r[c] for c in self.columns) for r in keep]
-        atomic_write_text(self.path, "\n".join(lines) + "\n")
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=self.columns)
+        writer.writeheader()
+        writer.writerows(r for r in rows if int(r["update"]) <= update)
+        atomic_write_text(self.path, text.getvalue())
 
     def append(self, row: dict[str, Any]) -> None:
         if self.columns is None:
@@ -123,10 +126,3 @@ def read_summary(folder: Path) -> dict[str, Any]:
         raise RELEDError(f"{folder} has no {SUMMARY_FILE}: is it a run folder made by `reled train`?")
     return json.loads(path.read_text())
 
-
-def progress_from_dict(data: dict[str, Any]) -> RunProgress:
-    return RunProgress(**data)
-
-
-def progress_to_dict(progress: RunProgress) -> dict[str, Any]:
-    return asdict(progress)

@@ -18,7 +18,6 @@ class Episode:
     """One SUMO episode played by every agent, agents in the env's fixed order."""
 
     seed: int
-    deterministic: bool
     obs: np.ndarray  # [T, N, F] float32, raw features
     masks: np.ndarray  # [T, N, P] bool
     actions: np.ndarray  # [T, N] int64

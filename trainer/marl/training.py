@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,6 @@ from trainer.marl.run_folder import (
     METRICS_FILE,
     CsvLog,
     RunProgress,
-    progress_from_dict,
-    progress_to_dict,
     read_config,
     write_config,
     write_summary,
@@ -85,7 +83,7 @@ class TrainingRun:
         config = read_config(folder)
         data = load_checkpoint(folder / LATEST)
         config = replace(config, **{k: v for k, v in (("steps", steps), ("workers", workers)) if v is not None})
-        progress = progress_from_dict(data["progress"])
+        progress = RunProgress(**data["progress"])
         if steps is not None and steps > progress.agent_steps:
             progress.finished = False
         run = cls(folder, config, progress, data["learner"])
@@ -177,7 +175,7 @@ class TrainingRun:
             progress.best_delay, progress.best_update = float(eval_delay), progress.updates
         payload = {"algo": self.config.algo, "scenario": self.config.scenario, "demand": self.config.demand,
                    "agents": self.agents, "n_phases": self.n_phases, "config": self.config.as_dict(),
-                   "learner": self.learner.state_dict(), "progress": progress_to_dict(progress)}
+                   "learner": self.learner.state_dict(), "progress": asdict(progress)}
         save_checkpoint(self.folder / LATEST, payload)
         if improved:
             save_checkpoint(self.folder / BEST, payload)

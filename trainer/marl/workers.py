@@ -77,7 +77,7 @@ def play_episode(env: TrafficSignalEnv, actor: Actor, job: EpisodeJob) -> Episod
         action_list.append(actions)
         reward_list.append([rewards[a] for a in agents])
     assert env.last_metrics is not None
-    return Episode(seed=job.seed, deterministic=job.deterministic, obs=np.stack(obs_list),
+    return Episode(seed=job.seed, obs=np.stack(obs_list),
                    masks=np.stack(mask_list), actions=np.stack(action_list).astype(np.int64),
                    rewards=np.asarray(reward_list, dtype=np.float32),
                    last_obs=stack_observations(observations, agents)[0],
