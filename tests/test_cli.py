@@ -140,3 +140,9 @@ def test_module_entry_point_exists():
 def test_gui_without_a_display_is_refused():
     env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
     assert_one_line_error(reled("eval", "--scenario", "grid2x2", "--gui", env=env), "needs a display")
+
+
+def test_eval_keeps_env_settings_from_the_config_file(tmp_path):
+    config = tmp_path / "env.toml"
+    config.write_text('[env]\nreward = "nonsense"\n')  # a flag default must not silently override the file
+    assert_one_line_error(reled("eval", "--scenario", "grid2x2", "--config", str(config)), "unknown reward 'nonsense'")

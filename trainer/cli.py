@@ -12,7 +12,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from trainer.cli_common import console, err_console, user_errors
+from trainer.cli_common import BackendOption, EpisodeSecondsOption, RewardOption, console, err_console, user_errors
 from trainer.errors import RELEDError
 
 app = typer.Typer(help="RELED trainer: SUMO scenarios, multi-agent environment, controllers and evaluation.",
@@ -131,10 +131,9 @@ def eval_command(
     demand: Annotated[str, typer.Option(help="Demand regime: moderate or congested.")] = "moderate",
     seeds: Annotated[int, typer.Option(min=1, help="Episodes per controller (SUMO seeds).")] = 3,
     first_seed: Annotated[int, typer.Option(help="First SUMO seed; seeds are consecutive.")] = 0,
-    backend: Annotated[str, typer.Option(help="libsumo (fast) or traci (sockets).")] = "libsumo",
-    episode_seconds: Annotated[float | None, typer.Option(help="Shorter episodes \\[default: scenario's "
-                                                               "begin..end]")] = None,
-    reward: Annotated[str, typer.Option(help="Reward reported to agents: queue, wait, pressure.")] = "queue",
+    backend: BackendOption = None,
+    episode_seconds: EpisodeSecondsOption = None,
+    reward: RewardOption = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with \\[env] and \\[timing] settings.")] = None,
     delta: Annotated[float | None, typer.Option(help="Seconds between decisions \\[default: 10]")] = None,
     yellow: Annotated[float | None, typer.Option(help="Yellow seconds \\[default: 3]")] = None,

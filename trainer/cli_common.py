@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -34,3 +34,12 @@ def user_errors(func: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+# Environment options shared by `reled eval` and `reled train`. None means "not given", so a value from
+# the --config file is kept; the help shows the value used when neither gives one.
+BackendOption = Annotated[str | None, typer.Option(help="libsumo (fast) or traci (sockets) \\[default: libsumo]")]
+RewardOption = Annotated[str | None, typer.Option(help="Reward reported to agents: queue, wait or pressure "
+                                                      "\\[default: queue]")]
+EpisodeSecondsOption = Annotated[float | None, typer.Option(help="Shorter episodes \\[default: the scenario's "
+                                                                 "begin..end]")]

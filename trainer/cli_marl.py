@@ -11,14 +11,14 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from trainer.cli_common import console, err_console, user_errors
+from trainer.cli_common import BackendOption, EpisodeSecondsOption, RewardOption, console, err_console, user_errors
 
 log = logging.getLogger(__name__)
 
 
 def train_command(
     algo: Annotated[str | None, typer.Option(help="ippo (local critic) or mappo (centralized critic) "
-                                                  "[default: ippo]")] = None,
+                                                  "\\[default: ippo]")] = None,
     scenario: Annotated[str | None, typer.Option(help="Scenario name or folder \\[default: grid2x2]")] = None,
     demand: Annotated[str | None, typer.Option(help="Demand regime \\[default: moderate]")] = None,
     steps: Annotated[int | None, typer.Option(help="Agent-steps to train for (one intersection's decision "
@@ -28,10 +28,9 @@ def train_command(
     episodes_per_update: Annotated[int | None, typer.Option(help="Episodes per PPO update \\[default: 2]")] = None,
     eval_every: Annotated[int | None, typer.Option(help="Updates between evaluations \\[default: 5]")] = None,
     eval_episodes: Annotated[int | None, typer.Option(help="Greedy episodes per evaluation \\[default: 2]")] = None,
-    backend: Annotated[str | None, typer.Option(help="libsumo or traci \\[default: libsumo]")] = None,
-    reward: Annotated[str | None, typer.Option(help="queue, wait or pressure \\[default: queue]")] = None,
-    episode_seconds: Annotated[float | None, typer.Option(help="Shorter episodes \\[default: the scenario's "
-                                                               "begin..end]")] = None,
+    backend: BackendOption = None,
+    reward: RewardOption = None,
+    episode_seconds: EpisodeSecondsOption = None,
     config: Annotated[Path | None, typer.Option(help="TOML with \\[train], \\[ppo], \\[env], \\[timing]; flags win. "
                                                      "See docs/training.md for every key.")] = None,
     name: Annotated[str | None, typer.Option(help="Run name \\[default: ALGO-SCENARIO-DEMAND-sSEED]")] = None,
