@@ -30,8 +30,8 @@ class EpisodeResult:
 def run_episode(env: TrafficSignalEnv, controller: Controller, seed: int,
                 on_step: Callable[[float], None] | None = None) -> EpisodeMetrics:
     """One full episode; returns SUMO's trip metrics."""
-    controller.reset(seed)
     obs, infos = env.reset(seed=seed)
+    controller.reset(seed)
     span = env.end_time - env.scenario.begin
     while env.agents:
         obs, _rewards, _term, _trunc, infos = env.step(controller.act(obs, infos))
@@ -47,6 +47,7 @@ def controller_env(scenario: Scenario, controller: Controller, config: EnvConfig
     env = TrafficSignalEnv(config, resolved=scenario, fixed_time=not controller.drives_signals,
                            with_pressure=controller.needs_pressure, collect_metrics=True)
     try:
+        controller.attach(env)
         yield env
     finally:
         env.close()

@@ -24,8 +24,11 @@ class Controller:
     drives_signals: ClassVar[bool] = True  # False: the net's own programs run untouched
     needs_pressure: ClassVar[bool] = False  # True: the env must put phase pressure in infos
 
+    def attach(self, env: Any) -> None:
+        """Called once with the environment it will drive (experts read its layout and lanes)."""
+
     def reset(self, seed: int) -> None:
-        """Called at the start of every episode."""
+        """Called at the start of every episode, after the environment was reset."""
 
     def act(self, observations: Observations, infos: dict[str, dict[str, Any]]) -> dict[str, int]:
         raise NotImplementedError

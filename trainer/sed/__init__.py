@@ -1,0 +1,1 @@
+"""SED: stationarity-aware expert demonstrations from a local LLM (DESIGN §5)."""

@@ -1,0 +1,156 @@
+"""The JSON a model must answer with: a GBNF grammar for llama.cpp, a JSON schema for other servers,
+and the parser that checks an answer against the same rules.
+
+Both formats are generated from the subset's valid phases and the timing bounds, so a
+grammar-constrained answer is a valid plan or phase by construction; the parser still checks
+every answer, because an HTTP server may ignore the grammar.
+
+step answer:  {"I1":2,"I2":0}
+plan answer:  {"I1":{"order":[0,2,1],"green":[20,15,30],"offset":10},"I2":{...}}
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from edge_runtime.shield import SignalTiming
+
+MAX_PERMUTED_PHASES = 4  # up to 4 phases every order is allowed (24); above, rotations of the program order
+MAX_OFFSET_S = 299
+
+
+class AnswerError(ValueError):
+    """The model's answer is not valid JSON of the expected shape (counted, never fatal)."""
+
+
+@dataclass(frozen=True)
+class TimingPlan:
+    """One light's plan: phases in ``order``, each green for ``green`` seconds, shifted by ``offset``."""
+
+    order: tuple[int, ...]
+    green: tuple[int, ...]
+    offset: int
+
+    def cycle(self, timing: SignalTiming) -> float:
+        """Cycle length: the greens plus one change (yellow + all-red) before each of them."""
+        return float(sum(self.green)) + len(self.order) * (timing.yellow + timing.all_red)
+
+    def phase_at(self, seconds_since_start: float, timing: SignalTiming) -> int:
+        """The phase the plan wants at a time: green_0, change, green_1, change, ... from the offset on;
+        during a change the plan already asks for the next phase."""
+        change = timing.yellow + timing.all_red
+        position = (seconds_since_start - self.offset) % self.cycle(timing)
+        end = 0.0
+        for k, green in enumerate(self.green):
+            end += green
+            if position < end:
+                return self.order[k]
+            end += change
+            if position < end:
+                return self.order[(k + 1) % len(self.order)]
+        return self.order[0]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"order": list(self.order), "green": list(self.green), "offset": self.offset}
+
+
+@dataclass(frozen=True)
+class AnswerFormat:
+    """Answer rules for one subset: per light label, its number of phases."""
+
+    mode: str  # "step" | "plan"
+    labels: tuple[str, ...]
+    n_phases: tuple[int, ...]
+    timing: SignalTiming
+
+    # -- generation ---------------------------------------------------------------------------
+    def gbnf(self) -> str:
+        """A GBNF grammar without free whitespace: compact answers, fewest tokens."""
+        rules = []
+        parts = []
+        for k, (label, n) in enumerate(zip(self.labels, self.n_phases, strict=True)):
+            parts.append(f'"\\"{label}\\":" v{k}')
+            if self.mode == "step":
+                rules.append(f"v{k} ::= " + " | ".join(f'"{p}"' for p in range(n)))
+            else:
+                orders = " | ".join('"[' + ",".join(map(str, o)) + ']"' for o in self.orders(n))
+                greens = '"," '.join(["g"] * n)
+                rules.append(f'v{k} ::= "{{\\"order\\":" o{k} ",\\"green\\":[" {greens} "],\\"offset\\":" off "}}"')
+                rules.append(f"o{k} ::= {orders}")
+        root = 'root ::= "{" ' + ' "," '.join(parts) + ' "}"'
+        if self.mode == "plan":
+            lo, hi = int(self.timing.min_green), int(self.timing.max_green)
+            rules.append("g ::= " + " | ".join(f'"{s}"' for s in range(lo, hi + 1)))
+            rules.append('off ::= [0-9] | [1-9] [0-9] | [1-2] [0-9] [0-9]')
+        return "\n".join([root, *rules]) + "\n"
+
+    def json_schema(self) -> dict[str, Any]:
+        """The same rules as a JSON schema (vLLM's guided decoding; orders are checked by the parser)."""
+        props: dict[str, Any] = {}
+        for label, n in zip(self.labels, self.n_phases, strict=True):
+            if self.mode == "step":
+                props[label] = {"type": "integer", "enum": list(range(n))}
+            else:
+                props[label] = {
+                    "type": "object", "additionalProperties": False, "required": ["order", "green", "offset"],
+                    "properties": {
+                        "order": {"type": "array", "minItems": n, "maxItems": n,
+                                  "items": {"type": "integer", "enum": list(range(n))}},
+                        "green": {"type": "array", "minItems": n, "maxItems": n,
+                                  "items": {"type": "integer", "minimum": int(self.timing.min_green),
+                                            "maximum": int(self.timing.max_green)}},
+                        "offset": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET_S}}}
+        return {"type": "object", "additionalProperties": False, "required": list(self.labels), "properties": props}
+
+    @staticmethod
+    def orders(n: int) -> list[tuple[int, ...]]:
+        """Phase orders the grammar allows: every permutation for few phases, else the rotations."""
+        if n <= MAX_PERMUTED_PHASES:
+            return [(0, *rest) for rest in itertools.permutations(range(1, n))] + [
+                o for o in itertools.permutations(range(n)) if o[0] != 0]
+        return [tuple((start + k) % n for k in range(n)) for start in range(n)]
+
+    def example(self) -> str:
+        """A valid answer, shown in the prompt so the model sees the shape."""
+        if self.mode == "step":
+            return json.dumps({label: 0 for label in self.labels}, separators=(",", ":"))
+        green = int(min(max(20, self.timing.min_green), self.timing.max_green))
+        return json.dumps({label: {"order": list(range(n)), "green": [green] * n, "offset": 0}
+                           for label, n in zip(self.labels, self.n_phases, strict=True)}, separators=(",", ":"))
+
+    # -- parsing ------------------------------------------------------------------------------
+    def parse(self, text: str) -> dict[str, Any]:
+        """Label -> phase (step) or TimingPlan (plan); AnswerError says what was wrong."""
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise AnswerError(f"not JSON: {exc}") from None
+        if not isinstance(data, dict) or set(data) != set(self.labels):
+            raise AnswerError(f"expected an object with keys {list(self.labels)}")
+        return {label: self._parse_one(label, n, data[label])
+                for label, n in zip(self.labels, self.n_phases, strict=True)}
+
+    def _parse_one(self, label: str, n: int, value: Any) -> int | TimingPlan:
+        if self.mode == "step":
+            if not _is_int(value) or not 0 <= value < n:
+                raise AnswerError(f"{label}: phase must be an integer in 0..{n - 1}, got {value!r}")
+            return int(value)
+        if not isinstance(value, dict) or set(value) != {"order", "green", "offset"}:
+            raise AnswerError(f"{label}: a plan needs exactly order, green and offset")
+        order, green, offset = value["order"], value["green"], value["offset"]
+        if not isinstance(order, list) or sorted(order) != list(range(n)) or not all(map(_is_int, order)):
+            raise AnswerError(f"{label}: order must list each phase 0..{n - 1} once, got {order!r}")
+        lo, hi = self.timing.min_green, self.timing.max_green
+        if (not isinstance(green, list) or len(green) != n
+                or not all(_is_int(g) and lo <= g <= hi for g in green)):
+            raise AnswerError(f"{label}: green must be {n} whole seconds in {lo:g}..{hi:g}, got {green!r}")
+        if not _is_int(offset) or not 0 <= offset <= MAX_OFFSET_S:
+            raise AnswerError(f"{label}: offset must be whole seconds in 0..{MAX_OFFSET_S}, got {offset!r}")
+        return TimingPlan(tuple(order), tuple(green), int(offset))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

