@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.logging import RichHandler
@@ -13,6 +13,19 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from trainer.cli_common import BackendOption, EpisodeSecondsOption, RewardOption, console, err_console, user_errors
+from trainer.cli_sed import (
+    HorizonOption,
+    LLMConstraintOption,
+    LLMContextOption,
+    LLMGpuLayersOption,
+    LLMModelOption,
+    LLMPrefixOption,
+    LLMThreadsOption,
+    LLMTimeoutOption,
+    LLMUrlOption,
+    SubsetSizeOption,
+    llm_settings,
+)
 from trainer.errors import RELEDError
 
 app = typer.Typer(help="RELED trainer: SUMO scenarios, multi-agent environment, controllers and evaluation.",
@@ -48,8 +61,14 @@ def scenario_list() -> None:
 
 @scenario_app.command("show")
 @user_errors
-def scenario_show(name: Annotated[str, typer.Argument(help="Scenario name or folder.")]) -> None:
-    """Net, timing, demand regimes (vehicles/hour), controlled lights and provenance of a scenario."""
+def scenario_show(
+    name: Annotated[str, typer.Argument(help="Scenario name or folder.")],
+    subset_size: SubsetSizeOption = 4,
+    subsets_plot: Annotated[Path | None, typer.Option(help="Draw the network and the agent subsets to this PNG.")]
+    = None,
+) -> None:
+    """Net, timing, demand regimes (vehicles/hour), controlled lights, the SED agent subsets (neighbouring
+    lights on the road graph, at most --subset-size each) and provenance of a scenario."""
     from trainer.env import TrafficSignalEnv
     from trainer.scenarios import get_scenario
 
@@ -74,10 +93,32 @@ def scenario_show(name: Annotated[str, typer.Argument(help="Scenario name or fol
         lights.add_column(col)
     for inter in env.intersections:
         lights.add_row(inter.tls_id, str(inter.n_phases), str(inter.approaches), str(len(inter.in_lanes)))
-    env.close()
     console.print(lights)
+    _show_subsets(env, subset_size, subsets_plot)
+    env.close()
     for key, value in scenario.provenance.items():
         console.print(f"[dim]{key}:[/] {value}", highlight=False)
+
+
+def _show_subsets(env: Any, subset_size: int, plot: Path | None) -> None:
+    from trainer.sed.clusters import boundary_lanes, partition, road_graph
+
+    graph = road_graph(env.scenario.net, env.intersections)
+    subsets = partition(env.intersections, graph, subset_size)
+    table = Table(title=f"agent subsets (K = {subset_size}, greedy from the busiest light)")
+    for col in ("subset", "lights (I1, I2, ...)", "road links inside (m)", "boundary lanes"):
+        table.add_column(col)
+    for subset in subsets:
+        links = [f"I{a + 1}-I{b + 1} {graph.gap(x, y):.0f}" for a, x in enumerate(subset.lights)
+                 for b, y in enumerate(subset.lights) if a < b and graph.gap(x, y) < float("inf")]
+        table.add_row(subset.name, "\n".join(subset.lights), ", ".join(links) or "-",
+                      str(len(boundary_lanes(subset, env.intersections, graph))))
+    console.print(table)
+    if plot:
+        from trainer.sed.plots import subsets_map
+
+        subsets_map(env.scenario.net, graph, subsets, f"{env.scenario.name}: agent subsets (K = {subset_size})", plot)
+        console.print(f"wrote {plot}")
 
 
 @scenario_app.command("import")
@@ -124,8 +165,9 @@ def _parse_bbox(text: str) -> tuple[float, float, float, float]:
 def eval_command(
     scenario: Annotated[str, typer.Option(help="Scenario name (see `reled scenarios`) or folder.")],
     controller: Annotated[str | None, typer.Option(help="Controller(s), comma-separated: fixed, greedy, "
-                                                        "max-pressure, random \\[default: fixed, unless "
-                                                        "--policy is given]")] = None,
+                                                        "max-pressure, random, llm (the SED expert, see "
+                                                        "--llm-*) \\[default: fixed, unless --policy is given]")]
+    = None,
     policy: Annotated[list[Path] | None, typer.Option(help="Trained policy checkpoint (runs/NAME/best.pt or "
                                                            "latest.pt); repeatable.")] = None,
     demand: Annotated[str, typer.Option(help="Demand regime: moderate or congested.")] = "moderate",
@@ -143,6 +185,17 @@ def eval_command(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every episode and the summary.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Bar chart PNG of average delay per controller.")] = None,
     gui: Annotated[bool, typer.Option(help="Watch in sumo-gui (needs a display; uses TraCI).")] = False,
+    llm_mode: Annotated[str, typer.Option(help="LLM expert mode: plan or step.")] = "plan",
+    subset_size: SubsetSizeOption = 4,
+    horizon: HorizonOption = 900.0,
+    llm_model: LLMModelOption = "smollm2",
+    llm_url: LLMUrlOption = None,
+    llm_constraint: LLMConstraintOption = "grammar",
+    llm_threads: LLMThreadsOption = 2,
+    llm_context: LLMContextOption = 4096,
+    llm_gpu_layers: LLMGpuLayersOption = 0,
+    llm_prefix_reuse: LLMPrefixOption = True,
+    llm_timeout: LLMTimeoutOption = 30.0,
 ) -> None:
     """Evaluate controllers and trained policies: a table per controller (one row per seed) and mean ± std
     over seeds. Policies act deterministically (their most probable valid phase)."""
@@ -153,7 +206,7 @@ def eval_command(
     from trainer.sumo_tools import sumo_home
 
     names = [c.strip() for c in (controller or ("" if policy else "fixed")).split(",") if c.strip()]
-    controllers = [make_controller(name) for name in names]
+    controllers = [make_controller(name) for name in names if name != "llm"]
     if gui:
         if not os.environ.get("DISPLAY"):
             raise RELEDError("--gui needs a display, but DISPLAY is not set: run without --gui or on a desktop")
@@ -171,6 +224,15 @@ def eval_command(
         from trainer.marl.policy import load_policy_controller
 
         controllers += [load_policy_controller(path, resolved, env_config) for path in policy]
+    llm_backend = None
+    if "llm" in names:
+        from trainer.sed.experts import make_expert
+        from trainer.sed.llm import open_backend
+
+        llm_backend = open_backend(llm_settings(llm_model, llm_url, llm_constraint, llm_threads, llm_context,
+                                                llm_gpu_layers, llm_prefix_reuse, llm_timeout))
+        controllers.insert(names.index("llm"), make_expert(llm_backend, llm_mode, subset_size=subset_size,
+                                                           horizon_s=horizon))
     seed_list = list(range(first_seed, first_seed + seeds))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
@@ -182,11 +244,22 @@ def eval_command(
             done[(name, seed)] = frac
             progress.update(task, completed=sum(done.values()), description=f"{name} seed {seed}")
 
-        results = evaluate(resolved, controllers, seed_list, env_config, hook)
+        try:
+            results = evaluate(resolved, controllers, seed_list, env_config, hook)
+        finally:
+            if llm_backend is not None:
+                llm_backend.close()
     from trainer.report import episode_tables, summary_table, write_eval_json
 
     for table in episode_tables(results):
         console.print(table)
+    for expert in controllers:
+        if hasattr(expert, "total_stats"):
+            stats = expert.total_stats()
+            console.print(f"LLM expert: {stats.calls} calls, {stats.validity:.0%} valid ({stats.invalid} invalid, "
+                          f"{stats.late} late, {stats.failed} failed: held the plan or phase), "
+                          f"{stats.prompt_tokens} prompt + {stats.completion_tokens} generated tokens, "
+                          f"{stats.seconds:.1f} s", highlight=False)
     console.print(summary_table(results, f"{resolved.name} / {demand}: mean ± std over {seeds} seed(s)"))
     if json_out:
         write_eval_json(json_out, resolved, demand, env_config, results)
@@ -201,9 +274,10 @@ def eval_command(
 
 
 def _register_training_commands() -> None:
-    from trainer.cli_marl import register
+    from trainer import cli_marl, cli_sed
 
-    register(app)
+    cli_marl.register(app)
+    cli_sed.register(app)
 
 
 _register_training_commands()

@@ -18,7 +18,7 @@ from trainer.errors import RELEDError
 from trainer.intersections import Intersection
 
 DEFAULT_SUBSET_SIZE = 4
-NEIGHBOUR_SEARCH_M = 1500.0  # lights further apart along the road are not neighbours
+NEIGHBOUR_SEARCH_M = 800.0  # further apart along the road, platoons disperse: not neighbours
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,8 @@ def _reachable_stop_lines(net, inter: Intersection, owner_of_in_lane: dict[str, 
         reached = dist + lane.getLength()
         owner = owner_of_in_lane.get(lane_id)
         if owner is not None and owner != inter.tls_id:
-            found.setdefault((owner, lane_id), reached)
+            if reached <= search_m:
+                found.setdefault((owner, lane_id), reached)
             continue
         if owner == inter.tls_id or reached > search_m:
             continue

@@ -156,6 +156,7 @@ class LLMExpert(Controller):
 
     def __post_init__(self) -> None:
         self.stats = LLMStats()
+        self.finished: list[LLMStats] = []  # earlier episodes'
         self.contexts: list[SubsetContext] = []
         self._calls = 0
 
@@ -168,8 +169,18 @@ class LLMExpert(Controller):
             self._agents = [inter.tls_id for inter in env.intersections]
 
     def reset(self, seed: int) -> None:
+        if self.stats.calls:
+            self.finished.append(self.stats)
         self.stats = LLMStats()
         self.meter.reset()
+
+    def total_stats(self) -> LLMStats:
+        """Every episode's counts summed (what `reled eval` reports)."""
+        total = LLMStats()
+        for stats in [*self.finished, self.stats]:
+            for key, value in asdict(stats).items():
+                setattr(total, key, getattr(total, key) + value)
+        return total
 
     def ask(self, j: int, user: str) -> dict[str, Any] | None:
         """One call for subset j: the parsed answer, or None (counted) when it failed."""

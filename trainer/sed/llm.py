@@ -54,6 +54,7 @@ class LLMSettings:
     model: str = DEFAULT_MODEL  # an embedded model's name or a GGUF path
     url: str | None = None  # OpenAI-compatible server; replaces the local model
     http_model: str = "default"  # model name sent to the server
+    http_constraint: str = "grammar"  # grammar (llama.cpp servers) or json-schema (vLLM, OpenAI-style)
     threads: int = 2
     context: int = 4096
     gpu_layers: int = 0
@@ -75,7 +76,7 @@ class LLMBackend(Protocol):
 
 def open_backend(settings: LLMSettings) -> LLMBackend:
     if settings.url:
-        return HttpBackend(settings.url, settings.http_model, settings.timeout)
+        return HttpBackend(settings.url, settings.http_model, settings.timeout, settings.http_constraint)
     return LlamaCppBackend(resolve_model(settings.model), settings.threads, settings.context,
                            settings.gpu_layers, settings.prefix_reuse, settings.timeout)
 
@@ -176,56 +177,65 @@ class LlamaCppBackend:
         if prefix_reuse:
             self.llm.set_cache(LlamaRAMCache(capacity_bytes=512 << 20))
         self._grammars: dict[str, Any] = {}
+        self._formatter: Any = None
 
     def chat(self, messages: Messages, answer: AnswerFormat, *, temperature: float, seed: int,
              max_tokens: int) -> Completion:
-        from llama_cpp import LlamaGrammar, LogitsProcessorList
+        from llama_cpp import LlamaGrammar, StoppingCriteriaList
 
         text = answer.gbnf()
         if text not in self._grammars:
             self._grammars[text] = LlamaGrammar.from_string(text, verbose=False)
         if not self.prefix_reuse:
             self.llm.reset()
+        prompt = self._format(messages)
         start = time.perf_counter()
+        deadline = start + self.timeout
         try:
-            out = self.llm.create_chat_completion(
-                messages, grammar=self._grammars[text], temperature=temperature, seed=seed, max_tokens=max_tokens,
-                logits_processor=LogitsProcessorList([_Deadline(start + self.timeout)]))
-        except _Late:
-            raise LLMCallError(f"no answer within the {self.timeout:g} s limit", late=True) from None
+            out = self.llm.create_completion(
+                prompt.prompt, grammar=self._grammars[text], temperature=temperature, seed=seed,
+                max_tokens=max_tokens, stop=prompt.stop,
+                stopping_criteria=StoppingCriteriaList([lambda _ids, _logits: time.perf_counter() > deadline]))
         except ValueError as exc:  # prompt longer than the context
             raise LLMCallError(str(exc)) from None
         seconds = time.perf_counter() - start
+        if seconds > self.timeout:
+            raise LLMCallError(f"no answer within the {self.timeout:g} s limit ({seconds:.1f} s)", late=True)
         usage = out["usage"]
-        return Completion(out["choices"][0]["message"]["content"] or "", usage["prompt_tokens"],
-                          usage["completion_tokens"], seconds)
+        return Completion(out["choices"][0]["text"], usage["prompt_tokens"], usage["completion_tokens"], seconds)
+
+    def _format(self, messages: Messages) -> Any:
+        """The model's own chat template (from the GGUF), applied here so generation can be stopped on time."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        if self._formatter is None:
+            template = self.llm.metadata.get("tokenizer.chat_template")
+            if not template:
+                raise RELEDError(f"{self.model_path} has no chat template in its metadata: use an instruct model")
+            model = self.llm._model
+            eos, bos = self.llm.token_eos(), self.llm.token_bos()
+            self._formatter = Jinja2ChatFormatter(template, model.token_get_text(eos) if eos != -1 else "",
+                                                  model.token_get_text(bos) if bos != -1 else "",
+                                                  stop_token_ids=[eos])
+        return self._formatter(messages=messages)
 
     def close(self) -> None:
         self.llm.close()
 
 
-class _Late(Exception):
-    pass
-
-
-class _Deadline:
-    """A logits processor that aborts generation once the call's time is up."""
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        if time.perf_counter() > self.deadline:
-            raise _Late
-        return scores
-
-
 # -- HTTP ---------------------------------------------------------------------------------------
-class HttpBackend:
-    """Any OpenAI-compatible /v1/chat/completions (llama.cpp server, vLLM). The grammar goes as
-    ``grammar`` (llama.cpp) and the schema as ``response_format`` (vLLM); answers are validated anyway."""
+HTTP_CONSTRAINTS = ("grammar", "json-schema")
 
-    def __init__(self, url: str, model: str, timeout: float) -> None:
+
+class HttpBackend:
+    """Any OpenAI-compatible /v1/chat/completions. Servers differ in how they take the answer format:
+    llama.cpp's servers take a GBNF ``grammar``, vLLM and OpenAI-style servers a JSON schema in
+    ``response_format`` (and llama-cpp-python's server refuses that field). Answers are validated anyway."""
+
+    def __init__(self, url: str, model: str, timeout: float, constraint: str = "grammar") -> None:
+        if constraint not in HTTP_CONSTRAINTS:
+            raise RELEDError(f"unknown --llm-constraint {constraint!r}: choose grammar or json-schema")
+        self.constraint = constraint
         self.base = url.rstrip("/").removesuffix("/v1")
         self.model = model
         self.timeout = timeout
@@ -260,10 +270,13 @@ class HttpBackend:
 
     def chat(self, messages: Messages, answer: AnswerFormat, *, temperature: float, seed: int,
              max_tokens: int) -> Completion:
-        body = {"model": self.model, "messages": messages, "temperature": temperature, "seed": seed,
-                "max_tokens": max_tokens, "grammar": answer.gbnf(),
-                "response_format": {"type": "json_schema",
-                                    "json_schema": {"name": "answer", "schema": answer.json_schema()}}}
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": temperature, "seed": seed,
+                                "max_tokens": max_tokens}
+        if self.constraint == "grammar":
+            body["grammar"] = answer.gbnf()
+        else:
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "answer", "schema": answer.json_schema()}}
         start = time.perf_counter()
         out = self._request("POST", "/v1/chat/completions", body)
         try:

@@ -60,7 +60,9 @@ def staged_folder(folder: Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_demos(folder: Path, manifest: dict[str, Any], columns: dict[str, np.ndarray], overwrite: bool) -> None:
+def write_demos(folder: Path, manifest: dict[str, Any], columns: dict[str, np.ndarray],
+                overwrite: bool) -> dict[str, Any]:
+    """Write the store; returns the manifest as written."""
     rows = {len(v) for v in columns.values()}
     if set(columns) != set(COLUMNS) or len(rows) != 1:
         raise ValueError(f"demo columns must be {sorted(COLUMNS)} of equal length")
@@ -70,6 +72,7 @@ def write_demos(folder: Path, manifest: dict[str, Any], columns: dict[str, np.nd
         for name, dtype in COLUMNS.items():
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(columns[name], dtype=dtype))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
