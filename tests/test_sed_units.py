@@ -70,8 +70,8 @@ def test_plan_answers_are_checked_against_phases_and_timing_bounds():
         with pytest.raises(AnswerError, match=why):
             fmt.parse(bad)
     step = AnswerFormat("step", ("I1", "I2"), (3, 2), TIMING)
-    assert step.parse('{"I1":2,"I2":1}') == {"I1": 2, "I2": 1}
-    for bad in ('{"I1":3,"I2":1}', '{"I1":true,"I2":1}', '{"I1":"2","I2":1}', "[1, 2]"):
+    assert step.parse("[2,1]") == {"I1": 2, "I2": 1}
+    for bad in ("[3,1]", "[true,1]", '["2",1]', "[1]", '{"I1":2,"I2":1}'):
         with pytest.raises(AnswerError):
             step.parse(bad)
 
@@ -84,9 +84,10 @@ def test_grammar_and_schema_are_built_from_the_phase_table():
     assert len(AnswerFormat.orders(3)) == 6 and len(AnswerFormat.orders(6)) == 6  # rotations above 4 phases
     schema = fmt.json_schema()
     assert schema["properties"]["I1"]["properties"]["green"]["items"]["maximum"] == 60
-    assert fmt.parse(fmt.example())["I1"].order == (0, 1, 2)
+    assert '"I1":{"order":[<each phase once>]' in fmt.example()
     step = AnswerFormat("step", ("I1", "I2"), (4, 2), TIMING)
-    assert 'v1 ::= "0" | "1"\n' in step.gbnf()
+    assert step.gbnf().startswith('root ::= "[" v0 "," v1 "]"') and 'v1 ::= "0" | "1"\n' in step.gbnf()
+    assert step.json_schema()["prefixItems"][0]["enum"] == [0, 1, 2, 3]
 
 
 def test_plan_execution_follows_order_greens_changes_and_offset():

@@ -5,7 +5,8 @@ Both formats are generated from the subset's valid phases and the timing bounds,
 grammar-constrained answer is a valid plan or phase by construction; the parser still checks
 every answer, because an HTTP server may ignore the grammar.
 
-step answer:  {"I1":2,"I2":0}
+step answer:  [2,0]          (one phase per light, in label order: fewest tokens, it is generated
+                              at every decision)
 plan answer:  {"I1":{"order":[0,2,1],"green":[20,15,30],"offset":10},"I2":{...}}
 """
 
@@ -72,15 +73,17 @@ class AnswerFormat:
         rules = []
         parts = []
         for k, (label, n) in enumerate(zip(self.labels, self.n_phases, strict=True)):
-            parts.append(f'"\\"{label}\\":" v{k}')
             if self.mode == "step":
+                parts.append(f"v{k}")
                 rules.append(f"v{k} ::= " + " | ".join(f'"{p}"' for p in range(n)))
             else:
+                parts.append(f'"\\"{label}\\":" v{k}')
                 orders = " | ".join('"[' + ",".join(map(str, o)) + ']"' for o in self.orders(n))
                 greens = '"," '.join(["g"] * n)
                 rules.append(f'v{k} ::= "{{\\"order\\":" o{k} ",\\"green\\":[" {greens} "],\\"offset\\":" off "}}"')
                 rules.append(f"o{k} ::= {orders}")
-        root = 'root ::= "{" ' + ' "," '.join(parts) + ' "}"'
+        brackets = ('"["', '"]"') if self.mode == "step" else ('"{"', '"}"')
+        root = f"root ::= {brackets[0]} " + ' "," '.join(parts) + f" {brackets[1]}"
         if self.mode == "plan":
             lo, hi = int(self.timing.min_green), int(self.timing.max_green)
             rules.append("g ::= " + " | ".join(f'"{s}"' for s in range(lo, hi + 1)))
@@ -89,20 +92,20 @@ class AnswerFormat:
 
     def json_schema(self) -> dict[str, Any]:
         """The same rules as a JSON schema (vLLM's guided decoding; orders are checked by the parser)."""
+        if self.mode == "step":
+            items = [{"type": "integer", "enum": list(range(n))} for n in self.n_phases]
+            return {"type": "array", "prefixItems": items, "items": False, "minItems": len(items)}
         props: dict[str, Any] = {}
         for label, n in zip(self.labels, self.n_phases, strict=True):
-            if self.mode == "step":
-                props[label] = {"type": "integer", "enum": list(range(n))}
-            else:
-                props[label] = {
-                    "type": "object", "additionalProperties": False, "required": ["order", "green", "offset"],
-                    "properties": {
-                        "order": {"type": "array", "minItems": n, "maxItems": n,
-                                  "items": {"type": "integer", "enum": list(range(n))}},
-                        "green": {"type": "array", "minItems": n, "maxItems": n,
-                                  "items": {"type": "integer", "minimum": int(self.timing.min_green),
-                                            "maximum": int(self.timing.max_green)}},
-                        "offset": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET_S}}}
+            props[label] = {
+                "type": "object", "additionalProperties": False, "required": ["order", "green", "offset"],
+                "properties": {
+                    "order": {"type": "array", "minItems": n, "maxItems": n,
+                              "items": {"type": "integer", "enum": list(range(n))}},
+                    "green": {"type": "array", "minItems": n, "maxItems": n,
+                              "items": {"type": "integer", "minimum": int(self.timing.min_green),
+                                        "maximum": int(self.timing.max_green)}},
+                    "offset": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET_S}}}
         return {"type": "object", "additionalProperties": False, "required": list(self.labels), "properties": props}
 
     @staticmethod
@@ -114,12 +117,13 @@ class AnswerFormat:
         return [tuple((start + k) % n for k in range(n)) for start in range(n)]
 
     def example(self) -> str:
-        """A valid answer, shown in the prompt so the model sees the shape."""
+        """The answer's shape, shown in the prompt. Placeholders, not numbers: a small model copies
+        whatever numbers it is shown."""
         if self.mode == "step":
-            return json.dumps({label: 0 for label in self.labels}, separators=(",", ":"))
-        green = int(min(max(20, self.timing.min_green), self.timing.max_green))
-        return json.dumps({label: {"order": list(range(n)), "green": [green] * n, "offset": 0}
-                           for label, n in zip(self.labels, self.n_phases, strict=True)}, separators=(",", ":"))
+            return "[" + ",".join(f"<phase of {label}>" for label in self.labels) + "]"
+        body = ",".join(f'"{label}":{{"order":[<each phase once>],"green":[<seconds for each phase in that '
+                        f'order>],"offset":<seconds>}}' for label in self.labels)
+        return "{" + body + "}"
 
     # -- parsing ------------------------------------------------------------------------------
     def parse(self, text: str) -> dict[str, Any]:
@@ -128,7 +132,11 @@ class AnswerFormat:
             data = json.loads(text)
         except (json.JSONDecodeError, TypeError) as exc:
             raise AnswerError(f"not JSON: {exc}") from None
-        if not isinstance(data, dict) or set(data) != set(self.labels):
+        if self.mode == "step":
+            if not isinstance(data, list) or len(data) != len(self.labels):
+                raise AnswerError(f"expected a list of {len(self.labels)} phases, for {', '.join(self.labels)}")
+            data = dict(zip(self.labels, data, strict=True))
+        elif not isinstance(data, dict) or set(data) != set(self.labels):
             raise AnswerError(f"expected an object with keys {list(self.labels)}")
         return {label: self._parse_one(label, n, data[label])
                 for label, n in zip(self.labels, self.n_phases, strict=True)}

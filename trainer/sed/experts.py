@@ -124,10 +124,10 @@ class InflowMeter:
         window = slice(-last_steps, None) if last_steps else slice(None)
         per_source = {s: sum(v[window]) for s, v in self.per_source[j].items()}
         if not per_source:
-            return "Inflow into the group: not measured yet."
+            return "Entering the group: not measured yet."
         total = sum(per_source.values())
-        parts = ", ".join(f"{n:.0f} from {s}" for s, n in sorted(per_source.items(), key=lambda kv: -kv[1]))
-        return f"Vehicles entering the group: {total:.0f} ({parts})."
+        parts = ", ".join(f"{n:.0f} from {s}" for s, n in sorted(per_source.items(), key=lambda kv: -kv[1]) if n)
+        return f"Entering the group: {total:.0f}" + (f" ({parts})" if parts else "")
 
 
 def phase_stats(ctx: SubsetContext, block: np.ndarray, n_phases: list[int]) -> list[PhaseStats]:
@@ -190,7 +190,7 @@ class LLMExpert(Controller):
         try:
             reply = self.backend.chat(messages(self.mode, self.env.timing, user), ctx.answer,
                                       temperature=self.temperature, seed=self.seed * 100_003 + self._calls,
-                                      max_tokens=self.max_tokens)
+                                      max_tokens=self.max_tokens, session=ctx.subset.name)
         except LLMCallError as exc:
             if exc.late:
                 self.stats.late += 1

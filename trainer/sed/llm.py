@@ -15,6 +15,7 @@ import logging
 import time
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -69,7 +70,7 @@ class LLMBackend(Protocol):
     model_sha256: str | None
 
     def chat(self, messages: Messages, answer: AnswerFormat, *, temperature: float, seed: int,
-             max_tokens: int) -> Completion: ...
+             max_tokens: int, session: str = "") -> Completion: ...
 
     def close(self) -> None: ...
 
@@ -153,15 +154,22 @@ def file_sha256(path: Path) -> str:
 
 
 # -- llama.cpp ----------------------------------------------------------------------------------
+MAX_CONTEXTS = 8  # llama.cpp contexts kept for prefix reuse (one per subset; weights are shared)
+
+
 class LlamaCppBackend:
-    """llama-cpp-python on a GGUF file. With prefix reuse the KV cache of the longest matching prompt
-    prefix is kept (in the context, and in a RAM cache of earlier prompts' states), so the unchanging
-    instructions and layout of a subset are evaluated once."""
+    """llama-cpp-python on a GGUF file.
+
+    With prefix reuse every session (a subset) gets its own llama.cpp context, so consecutive calls
+    of a subset find their instructions, layout and answer form already in the KV cache and only
+    the changing tail is evaluated; the model weights are memory-mapped once. Without it, one
+    context is cleared before every call.
+    """
 
     def __init__(self, model_path: Path, threads: int, context: int, gpu_layers: int, prefix_reuse: bool,
                  timeout: float) -> None:
         try:
-            from llama_cpp import Llama, LlamaRAMCache
+            import llama_cpp  # noqa: F401
         except ImportError:
             raise RELEDError("llama-cpp-python is not installed: pip install 'reled[llm]'") from None
         self.model_path = model_path
@@ -169,30 +177,53 @@ class LlamaCppBackend:
         self.description = f"llama.cpp:{model_path.name}"
         self.prefix_reuse = prefix_reuse
         self.timeout = timeout
-        try:
-            self.llm = Llama(model_path=str(model_path), n_ctx=context, n_threads=threads, n_threads_batch=threads,
-                             n_gpu_layers=gpu_layers, verbose=False)
-        except (ValueError, RuntimeError) as exc:
-            raise RELEDError(f"llama.cpp could not load {model_path}: {exc}") from None
-        if prefix_reuse:
-            self.llm.set_cache(LlamaRAMCache(capacity_bytes=512 << 20))
+        self._options = {"n_ctx": context, "n_threads": threads, "n_threads_batch": threads,
+                         "n_gpu_layers": gpu_layers, "verbose": False}
+        self._contexts: OrderedDict[str, Any] = OrderedDict()
+        self.llm = self._context("")  # loads the model now, so a bad file fails before any simulation
         self._grammars: dict[str, Any] = {}
         self._formatter: Any = None
 
+    def _context(self, session: str) -> Any:
+        from llama_cpp import Llama
+
+        key = session if self.prefix_reuse else ""
+        if key not in self._contexts:
+            if len(self._contexts) >= MAX_CONTEXTS:
+                self._contexts.popitem(last=False)[1].close()
+            try:
+                self._contexts[key] = Llama(model_path=str(self.model_path), **self._options)
+            except (ValueError, RuntimeError) as exc:
+                raise RELEDError(f"llama.cpp could not load {self.model_path}: {exc}") from None
+        self._contexts.move_to_end(key)
+        return self._contexts[key]
+
+    def perf_counters(self) -> tuple[float, int, float, int]:
+        """llama.cpp's own (prompt-eval ms, prompt tokens evaluated, generation ms, generated tokens), summed."""
+        import llama_cpp
+
+        total = [0.0, 0, 0.0, 0]
+        for llm in self._contexts.values():
+            data = llama_cpp.llama_perf_context(llm._ctx.ctx)
+            for k, value in enumerate((data.t_p_eval_ms, data.n_p_eval, data.t_eval_ms, data.n_eval)):
+                total[k] += value
+        return total[0], int(total[1]), total[2], int(total[3])
+
     def chat(self, messages: Messages, answer: AnswerFormat, *, temperature: float, seed: int,
-             max_tokens: int) -> Completion:
+             max_tokens: int, session: str = "") -> Completion:
         from llama_cpp import LlamaGrammar, StoppingCriteriaList
 
         text = answer.gbnf()
         if text not in self._grammars:
             self._grammars[text] = LlamaGrammar.from_string(text, verbose=False)
+        llm = self._context(session)
         if not self.prefix_reuse:
-            self.llm.reset()
+            llm.reset()
         prompt = self._format(messages)
         start = time.perf_counter()
         deadline = start + self.timeout
         try:
-            out = self.llm.create_completion(
+            out = llm.create_completion(
                 prompt.prompt, grammar=self._grammars[text], temperature=temperature, seed=seed,
                 max_tokens=max_tokens, stop=prompt.stop,
                 stopping_criteria=StoppingCriteriaList([lambda _ids, _logits: time.perf_counter() > deadline]))
@@ -220,7 +251,8 @@ class LlamaCppBackend:
         return self._formatter(messages=messages)
 
     def close(self) -> None:
-        self.llm.close()
+        while self._contexts:
+            self._contexts.popitem()[1].close()
 
 
 # -- HTTP ---------------------------------------------------------------------------------------
@@ -269,7 +301,7 @@ class HttpBackend:
         return parsed
 
     def chat(self, messages: Messages, answer: AnswerFormat, *, temperature: float, seed: int,
-             max_tokens: int) -> Completion:
+             max_tokens: int, session: str = "") -> Completion:
         body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": temperature, "seed": seed,
                                 "max_tokens": max_tokens}
         if self.constraint == "grammar":

@@ -52,23 +52,37 @@ def layout_text(layout: SubsetLayout) -> str:
     return "\n".join(lines)
 
 
-def stats_text(stats: list[PhaseStats], what: str) -> str:
-    lines = []
-    for light in stats:
-        parts = [f"phase {p}: queue {q:.1f}, approaching {a:.1f}, longest wait {w:.0f} s"
-                 for p, (q, a, w) in enumerate(light.values)]
-        lines.append(f"{light.label} {what}: " + "; ".join(parts) + ".")
-    return "\n".join(lines)
+STEP_COLUMNS = ("Live state, one row per intersection: label | phase shown, seconds shown | queued vehicles per "
+                "phase | approaching vehicles per phase | longest wait per phase (s). Phase 0 comes first.")
+
+
+def stats_text(stats: list[PhaseStats], digits: int) -> str:
+    """Per light, one line of per-phase numbers (phase 0 first). Plain space-separated numbers: " 6" is
+    one token where "[6," is two, and in step mode these tokens change at every call."""
+    return "\n".join(f"{light.label}: queue {_numbers(light.values[:, 0], digits)}; approaching "
+                     f"{_numbers(light.values[:, 1], digits)}; longest wait {_numbers(light.values[:, 2], 0)} s"
+                     for light in stats)
+
+
+def state_rows(stats: list[PhaseStats], current: list[tuple[int, float]]) -> str:
+    """Step mode's table rows (the column names are in the cached part of the prompt)."""
+    return "\n".join(f"{light.label} | {phase} {seconds:.0f} | {_numbers(light.values[:, 0], 0)} | "
+                     f"{_numbers(light.values[:, 1], 0)} | {_numbers(light.values[:, 2], 0)}"
+                     for light, (phase, seconds) in zip(stats, current, strict=True))
+
+
+def _numbers(values: np.ndarray, digits: int) -> str:
+    return " ".join(f"{v:.{digits}f}" for v in values)
 
 
 def plan_prompt(layout: SubsetLayout, answer: AnswerFormat, demand: list[PhaseStats] | None,
                 inflow: str, horizon_s: float, feedback: str) -> str:
-    parts = [layout_text(layout), f"Answer like this example: {answer.example()}"]
+    parts = [layout_text(layout), f"Answer in this form: {answer.example()}"]
     if demand is None:
         parts.append("No measurements yet: this is the start of the period.")
     else:
-        parts.append(f"Traffic over the last {horizon_s / 60:.0f} minutes (mean per decision):")
-        parts.append(stats_text(demand, "demand"))
+        parts.append(f"Traffic over the last {horizon_s / 60:.0f} minutes, per phase (mean vehicles per decision):")
+        parts.append(stats_text(demand, 1))
     parts.append(inflow)
     if feedback:
         parts.append(feedback)
@@ -78,13 +92,11 @@ def plan_prompt(layout: SubsetLayout, answer: AnswerFormat, demand: list[PhaseSt
 
 def step_prompt(layout: SubsetLayout, answer: AnswerFormat, now: list[PhaseStats], current: list[tuple[int, float]],
                 inflow: str, feedback: str) -> str:
-    state = [f"{s.label}: showing phase {phase} for {seconds:.0f} s."
-             for s, (phase, seconds) in zip(now, current, strict=True)]
-    parts = [layout_text(layout), f"Answer like this example: {answer.example()}", "Now:", *state,
-             stats_text(now, "now"), inflow]
+    parts = [layout_text(layout), f"Answer in this form: {answer.example()}"]
     if feedback:
         parts.append(feedback)
-    parts.append("Which phase should each intersection show next?")
+    # everything above is the same at every call of this subset (prefix cache); below changes
+    parts += ["Which phase should each intersection show next?", STEP_COLUMNS, state_rows(now, current), inflow]
     return "\n".join(parts)
 
 
