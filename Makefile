@@ -30,6 +30,9 @@ demo: install
 	$(BIN)/reled eval --scenario cologne8 --config configs/resco_timing.toml --seeds 3 \
 		--policy $(OUT)/runs/demo-ippo-cologne8/latest.pt --controller fixed,greedy,max-pressure \
 		--json $(OUT)/demo_cologne8.json --plot $(OUT)/demo_cologne8.png
+	@test -f $(OUT)/demos/cologne8-moderate-plan/manifest.json || $(BIN)/reled demos generate --scenario cologne8 \
+		--rounds 2 --candidates 2 --out $(OUT)/demos/cologne8-moderate-plan
+	$(BIN)/reled demos show $(OUT)/demos/cologne8-moderate-plan
 
 test: install
 	$(BIN)/ruff check .
@@ -44,6 +47,7 @@ lint: install
 bench: install
 	$(PY) tools/bench/env_throughput.py
 	$(PY) tools/bench/train_throughput.py
+	$(PY) tools/bench/llm_throughput.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache

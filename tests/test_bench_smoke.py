@@ -74,3 +74,14 @@ def test_train_throughput_on_short_episodes_writes_both_worker_counts(tmp_path: 
         assert run["collect_share"] + run["learn_share"] == pytest.approx(1.0)
         assert 0 < run["worker_sim_share"] < 1
     assert data["speedup_2_over_1"] > 0
+
+
+def test_llm_throughput_bench_reports_both_prefix_settings(tmp_path: Path) -> None:
+    script = SCRIPT.parent / "llm_throughput.py"
+    data = bench_json(script, tmp_path / "llm.json", "--decisions", "2", "--no-plan")
+    on, off = data["step"]
+    assert on["prefix_reuse"] and not off["prefix_reuse"]
+    for row in (on, off):
+        assert row["calls"] == 4 and row["valid"] == 4  # cologne8: 2 subsets x 2 decisions, all valid
+        assert row["agent_decisions_s"] > 0 and row["generated_tok_s"] > 0
+    assert on["prompt_tokens_evaluated"] < off["prompt_tokens_evaluated"]  # the prefix cache saved work

@@ -59,7 +59,7 @@ def generate_command(
     seed: Annotated[int, typer.Option(help="SUMO seed of every demonstration episode.")] = 0,
     policy: Annotated[Path | None, typer.Option(help="Agent checkpoint for D_j \\[default: a freshly initialised "
                                                      "actor, what training starts from]")] = None,
-    temperature: Annotated[float, typer.Option(min=0, help="Sampling temperature of candidates 1..")] = 0.7,
+    temperature: Annotated[float, typer.Option(min=0, help="Sampling temperature of candidates 1..")] = 1.0,
     lam: Annotated[float, typer.Option("--lambda", min=0, help="λ of the score G_j − λ·B_j.")] = 1e-4,
     gamma: Annotated[float, typer.Option(min=0, max=0.999, help="γ of G_j and of the bound.")] = 0.99,
     tau: Annotated[float, typer.Option(min=0, help="τ: stop early once every kept B_j ≤ τ.")] = 1000.0,

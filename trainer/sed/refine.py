@@ -9,7 +9,6 @@ stops early once every kept demonstration has B_j ≤ τ.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -40,7 +39,7 @@ RefineHook = Callable[[int, int, float], None]
 class RefineConfig:
     rounds: int = 3
     candidates: int = 1
-    temperature: float = 0.7  # for candidates 1.. (candidate 0 is greedy)
+    temperature: float = 1.0  # for candidates 1.. (candidate 0 is greedy)
     lam: float = 1e-4  # λ of the score G − λ·B
     gamma: float = 0.99  # γ of the bound and of G
     tau: float = 1000.0  # stop once every kept B_j <= τ
@@ -135,7 +134,7 @@ def score_subsets(episode: Episode, contexts: list[SubsetContext], inflow: list[
 
 
 def feedback_text(ctx: SubsetContext, demo: Demonstration, best: Demonstration, inflow: dict[str, list[float]],
-                  agents: list[str], tau: float) -> str:
+                  tau: float) -> str:
     """Concrete feedback for one subset from the measurements of its latest demonstration."""
     j = ctx.subset.index
     now, kept = demo.scores[j], best.scores[j]
@@ -163,10 +162,6 @@ def feedback_text(ctx: SubsetContext, demo: Demonstration, best: Demonstration, 
             lines.append(f"{label} changed phase {count} times in {steps} decisions: switch less often.")
     if now.bound > tau:
         lines.append("Your plan differs a lot from what the learning agents do; prefer steady, regular timings.")
-    if best.plans:
-        final = best.plans[-1]["plans"]
-        plan = {label: final[agents[k]] for label, k in zip(ctx.answer.labels, ctx.agents, strict=True)}
-        lines.append(f"Best plan so far: {json.dumps(plan, separators=(',', ':'))}")
     return "\n".join(lines)
 
 
@@ -219,8 +214,7 @@ def refine(env: TrafficSignalEnv, expert: LLMExpert, actor: Actor, config: Refin
             improved = j in before and kept[j].scores[j].score > before[j]
             if r == 0 or not improved or kept[j].scores[j].bound > config.tau:
                 latest = max(round_demos, key=lambda d, j=j: d.scores[j].score)
-                feedback[j] = feedback_text(ctx, latest, kept[j], latest.inflow[j],
-                                            env.possible_agents, config.tau)
+                feedback[j] = feedback_text(ctx, latest, kept[j], latest.inflow[j], config.tau)
     return RefineResult(demos, kept, stopped_early, feedback_log)
 
 
