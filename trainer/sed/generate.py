@@ -22,7 +22,7 @@ from trainer.sed.experts import DEFAULT_HORIZON_S, make_expert
 from trainer.sed.llm import LLMSettings, open_backend
 from trainer.sed.prompts import PROMPT_VERSIONS
 from trainer.sed.refine import Demonstration, RefineConfig, RefineHook, RefineResult, kept_columns, refine
-from trainer.sed.store import staged_folder, write_demos
+from trainer.sed.store import check_free, write_demos
 
 BASELINES = ("fixed", "max-pressure")
 
@@ -60,8 +60,7 @@ def run_baselines(env: TrafficSignalEnv, seed: int) -> dict[str, dict[str, float
 def generate(request: GenerateRequest, out: Path, overwrite: bool, hook: RefineHook | None = None,
              on_round: Callable[[int, list[Demonstration]], None] | None = None) -> dict[str, Any]:
     """Run SED and write the store; returns the manifest. Nothing is written unless everything succeeded."""
-    with staged_folder(out, overwrite):  # refuses an existing --out before any work is done
-        pass
+    check_free(out, overwrite)
     env = TrafficSignalEnv(request.env)
     backend = open_backend(request.llm)
     try:

@@ -39,11 +39,16 @@ class DemoSet:
         return len(self.columns["action"])
 
 
+def check_free(folder: Path, overwrite: bool) -> None:
+    """Refuse an existing output folder up front, before any simulation or LLM time is spent."""
+    if folder.exists() and not overwrite:
+        raise RELEDError(f"{folder} exists: choose another --out or pass --force to replace it")
+
+
 @contextlib.contextmanager
 def staged_folder(folder: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temp folder beside ``folder``; it becomes ``folder`` only if the block succeeds."""
-    if folder.exists() and not overwrite:
-        raise RELEDError(f"{folder} exists: choose another --out or pass --force to replace it")
+    check_free(folder, overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
