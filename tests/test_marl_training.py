@@ -200,7 +200,12 @@ def test_ctrl_c_stops_every_worker_and_the_run_resumes(tmp_path):
     children = psutil.Process(proc.pid).children(recursive=True)
     assert len([c for c in children if "sumo" in c.name()]) >= 2  # TraCI: SUMO is a child of each worker
     proc.send_signal(signal.SIGINT)
-    _out, err = proc.communicate(timeout=60)
+    try:
+        _out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:  # show where it hung instead of a bare timeout
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"reled train did not stop within 180 s of SIGINT; stderr:\n{err[-3000:]}")
     assert proc.returncode == 130, err
     assert "--resume" in err
     _gone, alive = psutil.wait_procs(children, timeout=10)
