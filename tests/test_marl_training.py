@@ -204,7 +204,7 @@ def test_ctrl_c_stops_every_worker_and_the_run_resumes(tmp_path):
         _out, err = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:  # show where it hung instead of a bare timeout
         proc.kill()
-        out, err = proc.communicate()
+        _out, err = proc.communicate()
         pytest.fail(f"reled train did not stop within 180 s of SIGINT; stderr:\n{err[-3000:]}")
     assert proc.returncode == 130, err
     assert "--resume" in err
