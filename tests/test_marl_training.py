@@ -187,11 +187,17 @@ def test_cli_bad_training_input(tmp_path):
     assert_one_line_error(reled("compare", str(tmp_path / "nothing")), "not a run folder")
 
 
+def _default_sigint() -> None:
+    """A shell's background job (`cmd &`) inherits SIGINT ignored, and Python then never raises
+    KeyboardInterrupt: give the run the disposition a terminal user's process has."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_every_worker_and_the_run_resumes(tmp_path):
     runs = tmp_path / "runs"
     proc = subprocess.Popen([*REL, "train", "--scenario", "grid2x2", "--steps", "100000", "--runs-dir", str(runs),
                              "--name", "r", "--backend", "traci"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_default_sigint)
     latest = runs / "r" / "latest.pt"
     deadline = time.monotonic() + 120
     while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
