@@ -15,9 +15,10 @@ import numpy as np
 
 from edge_runtime.features import CURRENT_PHASE_AT, MAX_PHASES, MAX_WAIT_AT, QUEUE_AT, TIME_IN_PHASE_AT
 from trainer.controllers import Controller
+from trainer.marl.policy import stack_observations
 from trainer.sed.answers import AnswerError, AnswerFormat, TimingPlan
 from trainer.sed.bounds import VEHICLE_SPACE_M
-from trainer.sed.clusters import DEFAULT_SUBSET_SIZE, RoadGraph, Subset, boundary_lanes, partition, road_graph
+from trainer.sed.clusters import DEFAULT_SUBSET_SIZE, Subset, boundary_lanes, partition, road_graph
 from trainer.sed.layout import SubsetLayout, light_layouts, subset_layout
 from trainer.sed.llm import LLMBackend, LLMCallError
 from trainer.sed.prompts import PhaseStats, messages, plan_prompt, step_prompt
@@ -66,9 +67,8 @@ class SubsetContext:
     capacity_vehicles: float  # vehicles the subset's detectors hold: the reward normaliser (R_max)
 
 
-def subset_contexts(env: TrafficSignalEnv, mode: str, max_size: int = DEFAULT_SUBSET_SIZE,
-                    graph: RoadGraph | None = None) -> list[SubsetContext]:
-    graph = graph or road_graph(env.scenario.net, env.intersections)
+def subset_contexts(env: TrafficSignalEnv, mode: str, max_size: int = DEFAULT_SUBSET_SIZE) -> list[SubsetContext]:
+    graph = road_graph(env.scenario.net, env.intersections)
     subsets = partition(env.intersections, graph, max_size)
     phases = light_layouts(env.scenario.net, env.intersections)
     index = {inter.tls_id: k for k, inter in enumerate(env.intersections)}
@@ -102,7 +102,6 @@ class InflowMeter:
 
     def reset(self) -> None:
         self._seen: dict[str, set[str]] = {}
-        self.per_step: list[list[float]] = [[] for _ in self.contexts]
         self.per_source: list[dict[str, list[float]]] = [{} for _ in self.contexts]
 
     def update(self, api: Any) -> None:
@@ -115,9 +114,13 @@ class InflowMeter:
             counts: dict[str, float] = {}
             for lane, source in zip(ctx.boundary, ctx.sources, strict=True):
                 counts[source] = counts.get(source, 0.0) + new[lane]
-            self.per_step[j].append(sum(counts.values()))
             for source, n in counts.items():
                 self.per_source[j].setdefault(source, []).append(n)
+
+    def totals(self, j: int) -> np.ndarray:
+        """Vehicles entering subset j at each decision step, all sources together (what ε_j measures)."""
+        per_source = list(self.per_source[j].values())
+        return np.sum(per_source, axis=0) if per_source else np.zeros(0)
 
     def summary(self, j: int, last_steps: int | None = None) -> str:
         """Inflow of subset j in words, over the last steps (all by default)."""
@@ -211,7 +214,7 @@ class LLMExpert(Controller):
         return parsed
 
     def _block(self, observations: dict[str, dict[str, np.ndarray]]) -> np.ndarray:
-        return np.stack([observations[a]["observation"] for a in self._agents])
+        return stack_observations(observations, self._agents)[0]
 
 
 class PlanExpert(LLMExpert):
@@ -223,7 +226,7 @@ class PlanExpert(LLMExpert):
         green = int(min(max(20, timing.min_green), timing.max_green))
         self.plans: list[TimingPlan] = [TimingPlan(tuple(range(n)), (green,) * n, 0) for n in self._n_phases]
         self.plan_start = -np.inf
-        self.history: list[dict[str, Any]] = []  # the plans in force, for feedback and the manifest
+        self.history: list[dict[str, Any]] = []  # the plans in force, for the manifest
         self._counts = np.zeros((len(self._agents), MAX_WAIT_AT))  # queue and approaching, summed
         self._waits = np.zeros((len(self._agents), MAX_PHASES))  # longest wait seen
         self._steps = 0

@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -62,7 +62,6 @@ class LLMSettings:
     prefix_reuse: bool = True
     timeout: float = 30.0  # seconds per call; a later answer is counted as late
     max_tokens: int = 512
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class LLMBackend(Protocol):
@@ -180,23 +179,26 @@ class LlamaCppBackend:
         self._options = {"n_ctx": context, "n_threads": threads, "n_threads_batch": threads,
                          "n_gpu_layers": gpu_layers, "verbose": False}
         self._contexts: OrderedDict[str, Any] = OrderedDict()
-        self.llm = self._context("")  # loads the model now, so a bad file fails before any simulation
+        self._spare: Any = self._load()  # now, so a bad file fails before any simulation; the first session takes it
         self._grammars: dict[str, Any] = {}
         self._formatter: Any = None
 
     def _context(self, session: str) -> Any:
-        from llama_cpp import Llama
-
         key = session if self.prefix_reuse else ""
         if key not in self._contexts:
             if len(self._contexts) >= MAX_CONTEXTS:
                 self._contexts.popitem(last=False)[1].close()
-            try:
-                self._contexts[key] = Llama(model_path=str(self.model_path), **self._options)
-            except (ValueError, RuntimeError) as exc:
-                raise RELEDError(f"llama.cpp could not load {self.model_path}: {exc}") from None
+            self._contexts[key], self._spare = self._spare or self._load(), None
         self._contexts.move_to_end(key)
         return self._contexts[key]
+
+    def _load(self) -> Any:
+        from llama_cpp import Llama
+
+        try:
+            return Llama(model_path=str(self.model_path), **self._options)
+        except (ValueError, RuntimeError) as exc:
+            raise RELEDError(f"llama.cpp could not load {self.model_path}: {exc}") from None
 
     def perf_counters(self) -> tuple[float, int, float, int]:
         """llama.cpp's own (prompt-eval ms, prompt tokens evaluated, generation ms, generated tokens), summed."""
@@ -219,7 +221,7 @@ class LlamaCppBackend:
         llm = self._context(session)
         if not self.prefix_reuse:
             llm.reset()
-        prompt = self._format(messages)
+        prompt = self._format(llm, messages)
         start = time.perf_counter()
         deadline = start + self.timeout
         try:
@@ -235,16 +237,16 @@ class LlamaCppBackend:
         usage = out["usage"]
         return Completion(out["choices"][0]["text"], usage["prompt_tokens"], usage["completion_tokens"], seconds)
 
-    def _format(self, messages: Messages) -> Any:
+    def _format(self, llm: Any, messages: Messages) -> Any:
         """The model's own chat template (from the GGUF), applied here so generation can be stopped on time."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         if self._formatter is None:
-            template = self.llm.metadata.get("tokenizer.chat_template")
+            template = llm.metadata.get("tokenizer.chat_template")
             if not template:
                 raise RELEDError(f"{self.model_path} has no chat template in its metadata: use an instruct model")
-            model = self.llm._model
-            eos, bos = self.llm.token_eos(), self.llm.token_bos()
+            model = llm._model
+            eos, bos = llm.token_eos(), llm.token_bos()
             self._formatter = Jinja2ChatFormatter(template, model.token_get_text(eos) if eos != -1 else "",
                                                   model.token_get_text(bos) if bos != -1 else "",
                                                   stop_token_ids=[eos])
@@ -253,6 +255,9 @@ class LlamaCppBackend:
     def close(self) -> None:
         while self._contexts:
             self._contexts.popitem()[1].close()
+        if self._spare is not None:
+            self._spare.close()
+            self._spare = None
 
 
 # -- HTTP ---------------------------------------------------------------------------------------

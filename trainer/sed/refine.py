@@ -9,7 +9,6 @@ stops early once every kept demonstration has B_j ≤ τ.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -72,14 +71,15 @@ class Demonstration:
     episode: Episode
     llm: dict[str, Any]
     scores: list[SubsetScore]
-    plans: list[dict[str, Any]] = field(default_factory=list)  # plan mode: the plans in force
+    plans: list[dict[str, Any]] = field(default_factory=list)  # plan mode: the plans in force, per horizon
     switches: list[int] = field(default_factory=list)  # step mode: phase changes per light
     inflow: list[dict[str, list[float]]] = field(default_factory=list)  # per subset, per source, per step
 
     def summary(self) -> dict[str, Any]:
         scores = [asdict(s) for s in self.scores]
         return {"round": self.round, "candidate": self.candidate, "avg_delay": self.episode.metrics["avg_delay"],
-                "mean_bound": float(np.mean([s.bound for s in self.scores])), "llm": self.llm, "subsets": scores}
+                "mean_bound": float(np.mean([s.bound for s in self.scores])), "llm": self.llm, "subsets": scores,
+                "plans": self.plans}
 
 
 def play_expert_episode(env: TrafficSignalEnv, expert: LLMExpert, seed: int,
@@ -113,7 +113,7 @@ def agent_probabilities(actor: Actor, obs: np.ndarray, masks: np.ndarray) -> np.
                               torch.from_numpy(np.ascontiguousarray(masks))).probs.numpy()
 
 
-def score_subsets(episode: Episode, contexts: list[SubsetContext], inflow: list[list[float]], actor: Actor,
+def score_subsets(episode: Episode, contexts: list[SubsetContext], inflow: list[np.ndarray], actor: Actor,
                   decision_s: float, config: RefineConfig) -> list[SubsetScore]:
     scores = []
     for j, ctx in enumerate(contexts):
@@ -122,7 +122,7 @@ def score_subsets(episode: Episode, contexts: list[SubsetContext], inflow: list[
         # G_j as the return of a process with this mean reward: the discounted sum from t = 0 would
         # only weigh the first ~1/(1-γ) decisions of the episode.
         ret = float(rewards.mean() / (1 - config.gamma))
-        eps = external_volatility(np.asarray(inflow[j]), len(ctx.boundary), decision_s)
+        eps = external_volatility(inflow[j], len(ctx.boundary), decision_s)
         obs = episode.obs[:, agents].reshape(-1, episode.obs.shape[-1])
         masks = episode.masks[:, agents].reshape(-1, MAX_PHASES)
         probs = agent_probabilities(actor, obs, masks)
@@ -133,10 +133,10 @@ def score_subsets(episode: Episode, contexts: list[SubsetContext], inflow: list[
     return scores
 
 
-def feedback_text(ctx: SubsetContext, demo: Demonstration, best: Demonstration, inflow: dict[str, list[float]],
-                  tau: float) -> str:
+def feedback_text(ctx: SubsetContext, demo: Demonstration, best: Demonstration, tau: float) -> str:
     """Concrete feedback for one subset from the measurements of its latest demonstration."""
     j = ctx.subset.index
+    inflow = demo.inflow[j]
     now, kept = demo.scores[j], best.scores[j]
     lines = [f"Feedback on your last answer: mean queue {now.mean_queue:.1f} vehicles in the group "
              f"(score {now.score:.2f}; the best so far is {kept.score:.2f}, round {best.round})."]
@@ -191,11 +191,10 @@ def refine(env: TrafficSignalEnv, expert: LLMExpert, actor: Actor, config: Refin
             expert.feedback = dict(feedback)
             expert.temperature = 0.0 if c == 0 else config.temperature
             expert.seed = config.seed * 1000 + r * config.candidates + c
-            start = time.perf_counter()
             step_hook = (lambda frac, r=r, c=c: hook(r, c, frac)) if hook else None
             episode = play_expert_episode(env, expert, config.seed, step_hook)
-            episode.sim_seconds = time.perf_counter() - start - expert.stats.seconds
-            scores = score_subsets(episode, contexts, expert.meter.per_step, actor, env.timing.delta, config)
+            inflow = [expert.meter.totals(j) for j in range(len(contexts))]
+            scores = score_subsets(episode, contexts, inflow, actor, env.timing.delta, config)
             demo = Demonstration(r, c, episode, expert.stats.as_dict(), scores,
                                  plans=list(getattr(expert, "history", [])),
                                  switches=expert.switches.tolist() if isinstance(expert, StepExpert) else [],
@@ -214,7 +213,7 @@ def refine(env: TrafficSignalEnv, expert: LLMExpert, actor: Actor, config: Refin
             improved = j in before and kept[j].scores[j].score > before[j]
             if r == 0 or not improved or kept[j].scores[j].bound > config.tau:
                 latest = max(round_demos, key=lambda d, j=j: d.scores[j].score)
-                feedback[j] = feedback_text(ctx, latest, kept[j], latest.inflow[j], config.tau)
+                feedback[j] = feedback_text(ctx, latest, kept[j], config.tau)
     return RefineResult(demos, kept, stopped_early, feedback_log)
 
 
