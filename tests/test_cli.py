@@ -15,8 +15,8 @@ import psutil
 import pytest
 from helpers import REL, assert_one_line_error, reled
 
+from edge_runtime.errors import RELEDError
 from trainer.env import TrafficSignalEnv
-from trainer.errors import RELEDError
 from trainer.scenarios import get_scenario
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edge_runtime.errors import RELEDError
 from edge_runtime.features import action_mask, build_observation
 from trainer.controllers import make_controller
 from trainer.env import EnvConfig
-from trainer.errors import RELEDError
 from trainer.evaluate import evaluate, summarise
 from trainer.scenarios import get_scenario
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from pettingzoo.test import parallel_api_test
 
+from edge_runtime.errors import RELEDError
 from edge_runtime.features import MAX_PHASES, build_observation, feature_size
 from trainer.env import TrafficSignalEnv
-from trainer.errors import RELEDError
 from trainer.scenarios import DecisionTiming
 
 

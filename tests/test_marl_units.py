@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from edge_runtime.errors import RELEDError
 from edge_runtime.features import MAX_PHASES, feature_size
-from trainer.errors import RELEDError
 from trainer.marl import checkpoint as ckpt
 from trainer.marl.config import PPOConfig, load_train_config
 from trainer.marl.networks import Actor, RunningNorm, critic_inputs

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import sumolib
 
-from trainer.errors import RELEDError
+from edge_runtime.errors import RELEDError
 from trainer.scenarios.demand import CONGESTED_SCALE
 from trainer.scenarios.model import SCENARIO_FILE, Scenario, load_scenario_folder, scenario_to_toml
 from trainer.scenarios.osm_import import ATTRIBUTION, LICENCE, import_osm

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.errors import RELEDError
+from edge_runtime.errors import RELEDError
 from trainer.scenarios import get_scenario, list_scenarios
 from trainer.scenarios.demand import count_vehicles
 from trainer.scenarios.model import load_scenario_folder, write_scenario_toml

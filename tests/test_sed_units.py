@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_runtime.errors import RELEDError
 from edge_runtime.features import MAX_PHASES, feature_size
 from edge_runtime.shield import SignalTiming
-from trainer.errors import RELEDError
 from trainer.sed.answers import AnswerError, AnswerFormat, TimingPlan
 from trainer.sed.bounds import external_volatility, nonstationarity_bound, one_hot, policy_divergence, subset_score
 from trainer.sed.clusters import RoadGraph, boundary_lanes, partition

@@ -19,10 +19,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from edge_runtime.fileio import atomic_write_text
 from trainer.controllers import make_controller
 from trainer.env import EnvConfig
 from trainer.evaluate import evaluate, summarise
-from trainer.fileio import atomic_write_text
 from trainer.marl.compare import summarise_groups
 from trainer.marl.config import load_train_config
 from trainer.marl.curves import compare_plot

@@ -15,10 +15,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from edge_runtime.fileio import atomic_path, atomic_write_text
 from trainer.controllers import make_controller
 from trainer.env import EnvConfig
 from trainer.evaluate import evaluate, summarise
-from trainer.fileio import atomic_path, atomic_write_text
 from trainer.scenarios import get_scenario
 
 # Published average delay (s), RESCO (Ault & Sharon 2021): see ../shared/REFERENCE.md.

@@ -12,6 +12,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from edge_runtime.errors import RELEDError
 from trainer.cli_common import BackendOption, EpisodeSecondsOption, RewardOption, console, err_console, user_errors
 from trainer.cli_sed import (
     HorizonOption,
@@ -26,7 +27,6 @@ from trainer.cli_sed import (
     SubsetSizeOption,
     llm_settings,
 )
-from trainer.errors import RELEDError
 
 app = typer.Typer(help="RELED trainer: SUMO scenarios, multi-agent environment, controllers and evaluation.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -274,10 +274,11 @@ def eval_command(
 
 
 def _register_training_commands() -> None:
-    from trainer import cli_marl, cli_sed
+    from trainer import cli_export, cli_marl, cli_sed
 
     cli_marl.register(app)
     cli_sed.register(app)
+    cli_export.register(app)
 
 
 _register_training_commands()

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from trainer.errors import RELEDError
+from edge_runtime.errors import RELEDError
 
 # Wide tables when piped (CI logs, files) instead of rich's 80-column default.
 console = Console() if sys.stdout.isatty() else Console(width=160)

@@ -46,7 +46,7 @@ def train_command(
     evaluations.csv, summary.json, tb/ (TensorBoard) and curves.png. The headline figure is the
     mean delay of the last 10 evaluation episodes (the final policy's), not the best episode.
     """
-    from trainer.errors import RELEDError
+    from edge_runtime.errors import RELEDError
     from trainer.marl.config import load_train_config
     from trainer.marl.training import TrainingRun
 
@@ -137,7 +137,7 @@ def compare_command(
     """Compare runs: one table (last-10 and best evaluation delay, mean ± std over seeds) and one plot."""
     import json
 
-    from trainer.fileio import atomic_write_text
+    from edge_runtime.fileio import atomic_write_text
     from trainer.marl.compare import group_runs, summarise_groups
     from trainer.marl.curves import compare_plot
 

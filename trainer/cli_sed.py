@@ -94,7 +94,7 @@ def generate_command(
     from trainer.sed.refine import RefineConfig
 
     if mode not in MODES:
-        from trainer.errors import RELEDError
+        from edge_runtime.errors import RELEDError
 
         raise RELEDError(f"unknown --mode {mode!r}: choose plan or step")
     out = out or Path("demos") / f"{Path(scenario).name}-{demand}-{mode}"

@@ -6,9 +6,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.errors import RELEDError
+from edge_runtime.fileio import read_toml
 from trainer.env import EnvConfig
-from trainer.errors import RELEDError
-from trainer.fileio import read_toml
 from trainer.scenarios import DecisionTiming
 
 ENV_KEYS = {f.name for f in dataclasses.fields(EnvConfig)} - {"timing", "sumo_args"}

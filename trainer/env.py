@@ -18,6 +18,7 @@ import numpy as np
 from gymnasium import spaces
 from pettingzoo import ParallelEnv
 
+from edge_runtime.errors import RELEDError
 from edge_runtime.features import (
     APPROACHING_AT,
     CURRENT_PHASE_AT,
@@ -31,7 +32,6 @@ from edge_runtime.features import (
     feature_size,
 )
 from edge_runtime.shield import SafetyShield, Stage
-from trainer.errors import RELEDError
 from trainer.intersections import Intersection, discover_intersection
 from trainer.lanes import LaneReader
 from trainer.metrics import EpisodeMetrics, read_episode_metrics

@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from trainer.errors import RELEDError
+from edge_runtime.errors import RELEDError
 
 METRIC_LABELS = {
     "avg_delay": "delay (s)",

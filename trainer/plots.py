@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from trainer.fileio import atomic_path
+from edge_runtime.fileio import atomic_path
 
 
 def bar_chart(summary: dict[str, tuple[float, float]], ylabel: str, title: str, path: Path) -> Path:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from rich.table import Table
 
+from edge_runtime.fileio import atomic_write_text
 from trainer.env import EnvConfig
 from trainer.evaluate import EpisodeResult, summarise
-from trainer.fileio import atomic_write_text
 from trainer.metrics import METRIC_LABELS
 from trainer.scenarios import Scenario
 

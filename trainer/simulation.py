@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from trainer.errors import RELEDError
+from edge_runtime.errors import RELEDError
 from trainer.scenarios.model import Scenario
 from trainer.sumo_tools import first_error_line, sumo_binary, sumo_home
 

@@ -26,8 +26,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from edge_runtime.fileio import atomic_write_text
 from trainer.env import EnvConfig, TrafficSignalEnv
-from trainer.fileio import atomic_write_text
 from trainer.sed.experts import make_expert
 from trainer.sed.llm import LlamaCppBackend, resolve_model
 from trainer.sed.refine import play_expert_episode

@@ -28,7 +28,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from trainer.fileio import atomic_write_text
+from edge_runtime.fileio import atomic_write_text
 from trainer.marl.config import load_train_config
 from trainer.marl.training import TrainingRun
 

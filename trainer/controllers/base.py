@@ -11,8 +11,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from edge_runtime.errors import RELEDError
 from edge_runtime.features import MAX_PHASES, QUEUE_AT
-from trainer.errors import RELEDError
 
 Observations = dict[str, dict[str, np.ndarray]]
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
+from edge_runtime.errors import RELEDError
 from edge_runtime.features import MAX_PHASES, SCHEMA_VERSION, feature_size
-from trainer.errors import RELEDError
-from trainer.fileio import atomic_path
+from edge_runtime.fileio import atomic_path
 from trainer.marl.networks import Actor
 
 FORMAT = "reled-marl-checkpoint/1"

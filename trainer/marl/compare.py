@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.errors import RELEDError
+from edge_runtime.errors import RELEDError
 from trainer.marl.run_folder import read_summary
 
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from edge_runtime.errors import RELEDError
+from edge_runtime.fileio import read_toml
 from trainer.config import TIMING_KEYS, check_keys
 from trainer.env import EnvConfig
-from trainer.errors import RELEDError
-from trainer.fileio import read_toml
 from trainer.scenarios import DecisionTiming
 
 Algo = Literal["ippo", "mappo"]

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import tomli_w
 
-from trainer.errors import RELEDError
-from trainer.fileio import atomic_write_text
+from edge_runtime.errors import RELEDError
+from edge_runtime.fileio import atomic_write_text
 from trainer.marl.config import TrainConfig, load_train_config
 
 CONFIG_FILE = "config.toml"

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_runtime.errors import RELEDError
 from trainer.env import TrafficSignalEnv
-from trainer.errors import RELEDError
 from trainer.marl.checkpoint import check_scenario, load_checkpoint, save_checkpoint
 from trainer.marl.config import TrainConfig
 from trainer.marl.ppo import PPOLearner

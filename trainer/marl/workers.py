@@ -21,8 +21,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from edge_runtime.errors import RELEDError
 from trainer.env import EnvConfig, TrafficSignalEnv
-from trainer.errors import RELEDError
 from trainer.marl.networks import Actor
 from trainer.marl.policy import choose_actions, stack_observations
 from trainer.marl.storage import Episode

@@ -5,7 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from trainer.errors import RELEDError
+from edge_runtime.errors import RELEDError
 from trainer.sumo_tools import run_sumo_command, sumo_tool
 
 # Regime scale factors applied with SUMO's --scale on top of a scenario's base route file.

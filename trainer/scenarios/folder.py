@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from trainer.errors import RELEDError
+from edge_runtime.errors import RELEDError
 
 
 @contextlib.contextmanager

@@ -9,9 +9,9 @@ from typing import Any
 
 import tomli_w
 
+from edge_runtime.errors import RELEDError
+from edge_runtime.fileio import atomic_write_text, read_toml
 from edge_runtime.shield import SignalTiming
-from trainer.errors import RELEDError
-from trainer.fileio import atomic_write_text, read_toml
 
 SCENARIO_FILE = "scenario.toml"
 

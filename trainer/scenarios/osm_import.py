@@ -23,7 +23,7 @@ from typing import IO, Any
 import sumolib
 from sumolib.net.lane import is_vehicle_class
 
-from trainer.errors import RELEDError
+from edge_runtime.errors import RELEDError
 from trainer.scenarios.demand import CONGESTED_SCALE, MODERATE_SCALE, generate_random_trips
 from trainer.scenarios.demand import vehicles_per_hour as measure_vehicles_per_hour
 from trainer.scenarios.folder import building_folder

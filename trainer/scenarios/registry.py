@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from trainer.errors import RELEDError
+from edge_runtime.errors import RELEDError
 from trainer.scenarios import resco, synthetic
 from trainer.scenarios.model import SCENARIO_FILE, Scenario, load_scenario_folder
 

@@ -6,7 +6,7 @@ import importlib.util
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from trainer.errors import RELEDError
+from edge_runtime.errors import RELEDError
 from trainer.scenarios.demand import CONGESTED_SCALE, MODERATE_SCALE, vehicles_per_hour
 from trainer.scenarios.model import DemandRegime, Scenario
 

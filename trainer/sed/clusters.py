@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.errors import RELEDError
+from edge_runtime.errors import RELEDError
 from trainer.intersections import Intersection
 
 DEFAULT_SUBSET_SIZE = 4

@@ -292,7 +292,7 @@ class StepExpert(LLMExpert):
 
 def make_expert(backend: LLMBackend, mode: str, **options: Any) -> LLMExpert:
     if mode not in MODES:
-        from trainer.errors import RELEDError
+        from edge_runtime.errors import RELEDError
 
         raise RELEDError(f"unknown expert mode {mode!r}: choose plan or step")
     return (PlanExpert if mode == "plan" else StepExpert)(backend, mode, **options)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from trainer.errors import RELEDError
-from trainer.fileio import atomic_path, atomic_write_text
+from edge_runtime.errors import RELEDError
+from edge_runtime.fileio import atomic_path, atomic_write_text
 from trainer.sed.answers import AnswerFormat
 
 log = logging.getLogger(__name__)

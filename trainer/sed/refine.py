@@ -45,7 +45,7 @@ class RefineConfig:
     seed: int = 0  # SUMO seed of every demonstration episode
 
     def __post_init__(self) -> None:
-        from trainer.errors import RELEDError
+        from edge_runtime.errors import RELEDError
 
         if self.rounds < 1 or self.candidates < 1:
             raise RELEDError(f"need at least 1 round and 1 candidate, got {self.rounds} and {self.candidates}")

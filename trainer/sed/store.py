@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.errors import RELEDError
 from edge_runtime.features import MAX_PHASES, SCHEMA_VERSION, feature_size
-from trainer.errors import RELEDError
 
 FORMAT = "reled-demos/1"
 MANIFEST = "manifest.json"

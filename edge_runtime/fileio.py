@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from trainer.errors import RELEDError
+from edge_runtime.errors import RELEDError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -1,4 +1,4 @@
-"""The one exception type that reaches users: its message is a single line naming the fix."""
+"""The one exception type that reaches users (trainer and controller alike): a single line naming the fix."""
 
 
 class RELEDError(Exception):

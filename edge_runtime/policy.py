@@ -1,0 +1,162 @@
+"""The exported policy as the controller runs it: an ONNX Runtime session plus the metadata it carries.
+
+The export writes everything a controller must check into the model's metadata: the observation
+schema it was trained on, the phase tables of the intersections it knows, a monotone policy version
+and a self-test (observations with the logits and actions the exporter got). A controller loads a
+model only through :class:`OnnxPolicy`, which refuses a model built for another schema and can
+replay the self-test before the model ever drives a signal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.errors import RELEDError
+from edge_runtime.features import MAX_PHASES, SCHEMA_VERSION, feature_size
+
+log = logging.getLogger(__name__)
+
+META_PREFIX = "reled."
+INPUTS = ("obs", "mask")
+OUTPUTS = ("logits", "action")
+MASKED_LOGIT = -1e9
+
+
+@dataclass(frozen=True)
+class SelfTest:
+    """Observations with the logits and actions the exporter measured; replayed on the device."""
+
+    obs: list[list[float]]
+    mask: list[list[bool]]
+    logits: list[list[float]]
+    actions: list[int]
+    tolerance: float  # largest logit difference accepted (int8 kernels differ slightly across CPUs)
+
+
+@dataclass(frozen=True)
+class PolicyMetadata:
+    schema_version: int
+    feature_size: int
+    max_phases: int
+    policy_version: int
+    precision: str  # fp32 or int8
+    scenario: str
+    phase_tables: dict[str, list[str]]  # light id -> its green phases as SUMO state strings
+    selftest: SelfTest
+
+    def to_props(self) -> dict[str, str]:
+        """ONNX metadata_props (string values only)."""
+        props = {k: v for k, v in asdict(self).items() if k not in ("phase_tables", "selftest")}
+        props = {k: str(v) for k, v in props.items()}
+        props["phase_tables"] = json.dumps(self.phase_tables, separators=(",", ":"))
+        props["selftest"] = json.dumps(asdict(self.selftest), separators=(",", ":"))
+        return {META_PREFIX + k: v for k, v in props.items()}
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], source: str) -> PolicyMetadata:
+        values = {k[len(META_PREFIX):]: v for k, v in props.items() if k.startswith(META_PREFIX)}
+        try:
+            meta = cls(schema_version=int(values["schema_version"]), feature_size=int(values["feature_size"]),
+                       max_phases=int(values["max_phases"]), policy_version=int(values["policy_version"]),
+                       precision=values["precision"], scenario=values["scenario"],
+                       phase_tables=json.loads(values["phase_tables"]),
+                       selftest=SelfTest(**json.loads(values["selftest"])))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise RELEDError(f"{source} is not a RELED policy (its metadata lacks or garbles {exc}): "
+                             "export it with `reled export`") from exc
+        if (meta.schema_version, meta.feature_size, meta.max_phases) != (SCHEMA_VERSION, feature_size(),
+                                                                         MAX_PHASES):
+            raise RELEDError(f"{source} was exported for observation schema v{meta.schema_version} "
+                             f"({meta.feature_size} features, {meta.max_phases} phases); this controller builds "
+                             f"v{SCHEMA_VERSION} ({feature_size()} features, {MAX_PHASES} phases): re-export it")
+        return meta
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: int
+    log_prob: float
+    seconds: float  # inference wall time
+
+
+def masked_log_softmax(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Log-probabilities over the real phases (padding gets -inf)."""
+    z = np.where(mask, logits.astype(np.float64), -np.inf)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+class OnnxPolicy:
+    """One ONNX Runtime session on a RELED policy file, with its metadata checked."""
+
+    def __init__(self, path: Path, threads: int = 1, providers: Sequence[str] = ("CPUExecutionProvider",)):
+        import onnxruntime as ort
+
+        self.path = path
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        available = set(ort.get_available_providers())
+        chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+        if len(chosen) < len(providers):
+            log.info("providers %s not available here; using %s", [p for p in providers if p not in available],
+                     chosen)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=chosen)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
+            raise RELEDError(f"{path} could not be loaded by ONNX Runtime: {str(exc).splitlines()[0]}") from exc
+        self.meta = PolicyMetadata.from_props(self.session.get_modelmeta().custom_metadata_map, str(path))
+        names_in = tuple(i.name for i in self.session.get_inputs())
+        names_out = tuple(o.name for o in self.session.get_outputs())
+        if names_in != INPUTS or names_out != OUTPUTS:
+            raise RELEDError(f"{path} has inputs {names_in} and outputs {names_out}; a RELED policy has "
+                             f"{INPUTS} -> {OUTPUTS}")
+
+    def run(self, obs: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Batched: obs [B, F] float32, mask [B, P] bool → logits [B, P], actions [B]."""
+        logits, actions = self.session.run(None, {"obs": obs.astype(np.float32, copy=False),
+                                                  "mask": mask.astype(bool, copy=False)})
+        return logits, actions
+
+    def decide(self, obs: np.ndarray, mask: np.ndarray) -> Decision:
+        start = time.perf_counter()
+        logits, actions = self.run(obs[None, :], mask[None, :])
+        seconds = time.perf_counter() - start
+        action = int(actions[0])
+        if not np.isfinite(logits[0][mask]).all():
+            raise RELEDError("policy produced non-finite logits")
+        if not (0 <= action < mask.shape[0] and mask[action]):
+            raise RELEDError(f"policy chose phase {action}, which the mask forbids")
+        return Decision(action, float(masked_log_softmax(logits[0], mask)[action]), seconds)
+
+    def self_test(self) -> str | None:
+        """Replay the exporter's self-test; None when it passes, else what went wrong."""
+        test = self.meta.selftest
+        obs = np.asarray(test.obs, dtype=np.float32)
+        mask = np.asarray(test.mask, dtype=bool)
+        try:
+            logits, actions = self.run(obs, mask)
+        except Exception as exc:  # a model that crashes its runtime fails the test, it does not crash us
+            return f"inference failed: {str(exc).splitlines()[0]}"
+        expected = np.asarray(test.logits, dtype=np.float32)
+        real = mask
+        if not np.isfinite(logits[real]).all():
+            return "non-finite logits"
+        error = float(np.abs(logits[real] - expected[real]).max())
+        if error > test.tolerance:
+            return f"logits differ from the exporter's by {error:.3g} (> {test.tolerance:g})"
+        top2 = np.sort(np.where(real, expected, -np.inf), axis=1)[:, -2:]
+        decisive = (top2[:, 1] - top2[:, 0]) > 2 * test.tolerance
+        wrong = int((actions[decisive] != np.asarray(test.actions)[decisive]).sum())
+        if wrong:
+            return f"{wrong} self-test actions differ from the exporter's"
+        return None
