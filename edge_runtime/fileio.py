@@ -31,6 +31,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def write_durably(path: Path, data: bytes | memoryview) -> None:
+    """Write and fsync, so a power cut after the rename cannot leave an empty file behind it."""
+    with path.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

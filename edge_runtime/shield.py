@@ -13,6 +13,8 @@ import enum
 import math
 from dataclasses import dataclass
 
+GREEN_CHARS = frozenset("Gg")
+
 
 class Stage(enum.IntEnum):
     GREEN = 0
@@ -122,3 +124,24 @@ class SafetyShield:
         if s.stage is Stage.YELLOW and self.timing.all_red > 0:
             return SignalState(Stage.ALL_RED, s.phase, s.target, at)
         return SignalState(Stage.GREEN, s.target, s.target, at)
+
+
+def transition_state(greens: tuple[str, ...], stage: Stage, phase: int, target: int) -> str:
+    """SUMO link states for a shield state.
+
+    A link keeps its green through the change only if it keeps or gains priority (overlaps such
+    as a right turn green in both phases); a protected 'G' that becomes a yielding 'g' ends with
+    yellow, as in SUMO's own programs.
+    """
+    if stage is Stage.GREEN:
+        return greens[phase]
+    src, dst = greens[phase], greens[target]
+    out = []
+    for a, b in zip(src, dst, strict=True):
+        if a in GREEN_CHARS and (a == b or b == "G"):
+            out.append(a)
+        elif a in GREEN_CHARS:
+            out.append("y" if stage is Stage.YELLOW else "r")
+        else:
+            out.append(a if a in "sOo" else "r")
+    return "".join(out)

@@ -12,12 +12,9 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.features import MAX_PHASES
-from edge_runtime.shield import SignalState, Stage
+from edge_runtime.shield import GREEN_CHARS, SignalState, transition_state
 
 log = logging.getLogger(__name__)
-
-GREEN_CHARS = frozenset("Gg")
-
 
 def green_phase_states(states: list[str]) -> list[str]:
     """Distinct green phases of a program, in program order (no yellow, at least one green)."""
@@ -52,27 +49,6 @@ class Intersection:
         if key not in cache:
             cache[key] = transition_state(self.green_states, *key)
         return cache[key]
-
-
-def transition_state(greens: tuple[str, ...], stage: Stage, phase: int, target: int) -> str:
-    """SUMO link states for a shield state.
-
-    A link keeps its green through the change only if it keeps or gains priority (overlaps such
-    as a right turn green in both phases); a protected 'G' that becomes a yielding 'g' ends with
-    yellow, as in SUMO's own programs.
-    """
-    if stage is Stage.GREEN:
-        return greens[phase]
-    src, dst = greens[phase], greens[target]
-    out = []
-    for a, b in zip(src, dst, strict=True):
-        if a in GREEN_CHARS and (a == b or b == "G"):
-            out.append(a)
-        elif a in GREEN_CHARS:
-            out.append("y" if stage is Stage.YELLOW else "r")
-        else:
-            out.append(a if a in "sOo" else "r")
-    return "".join(out)
 
 
 def discover_intersection(api: Any, tls_id: str) -> Intersection | None:

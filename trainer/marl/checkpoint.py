@@ -8,7 +8,6 @@ a mismatch is never discovered as a tensor shape error.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 
 from edge_runtime.errors import RELEDError
 from edge_runtime.features import MAX_PHASES, SCHEMA_VERSION, feature_size
-from edge_runtime.fileio import atomic_path
+from edge_runtime.fileio import atomic_path, write_durably
 from trainer.marl.networks import Actor
 
 FORMAT = "reled-marl-checkpoint/1"
@@ -34,13 +33,6 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     except OSError as exc:
         raise RELEDError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
                          "the previous checkpoint is intact (free some space and --resume)") from exc
-
-
-def write_durably(path: Path, data: memoryview) -> None:
-    with path.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

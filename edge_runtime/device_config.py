@@ -1,0 +1,223 @@
+"""A controller's configuration: its device file (``firmware_configs/devices/*.toml``) over its hardware profile.
+
+The device file names a profile (``firmware_configs/profiles/<name>.toml``: inference threads and providers,
+latency budget, safety timings); any section of the device file overrides the profile's. Relative paths
+are resolved against the device file's folder. Unknown keys are refused so a typo never silently
+falls back to a default on a street controller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.errors import RELEDError
+from edge_runtime.fileio import read_toml
+from edge_runtime.protocol import check_device_id
+from edge_runtime.shield import SignalTiming
+
+
+@dataclass(frozen=True)
+class DeviceSection:
+    id: str
+    intersection: str
+    state_dir: Path
+    profile: str = ""
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SignalSection:
+    green_phases: tuple[str, ...]  # the intersection's green phases as SUMO state strings, in order
+    yellow: float = 3.0
+    all_red: float = 2.0
+    min_green: float = 10.0
+    max_green: float = 60.0
+    fallback_green: float = 30.0  # fixed-time plan: seconds of green per phase when the policy is unhealthy
+
+    @property
+    def timing(self) -> SignalTiming:
+        return SignalTiming(self.yellow, self.all_red, self.min_green, self.max_green)
+
+
+@dataclass(frozen=True)
+class BrokerSection:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str = ""  # default: the device id
+    password_file: Path = Path("device.secret")
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class SecuritySection:
+    public_key: Path = Path("signing.pub")
+    max_model_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class InferenceSection:
+    threads: int = 1
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    latency_budget_ms: float = 5.0  # a slower decision counts as a failure
+
+
+@dataclass(frozen=True)
+class RuntimeSection:
+    decision_seconds: float = 10.0
+    speed: float = 1.0  # replay only: signal seconds per wall second
+    max_decisions: int = 0  # stop deciding after this many recorded decisions (0: never)
+
+
+@dataclass(frozen=True)
+class SensorSection:
+    adapter: str = "replay"
+    file: Path | None = None
+
+
+@dataclass(frozen=True)
+class ActuatorSection:
+    adapter: str = "log"
+    file: Path | None = None
+
+
+@dataclass(frozen=True)
+class DownloadSection:
+    window: int = 8  # chunks requested at once
+    chunk_timeout: float = 3.0  # re-request a chunk not received within this many seconds
+    kbps: float = 0.0  # download rate cap in KiB/s, so a cellular link stays usable (0: none)
+    max_bad_chunks: int = 5  # chunks failing their hash before the deploy is abandoned
+
+
+@dataclass(frozen=True)
+class ProbationSection:
+    decisions: int = 30  # healthy decisions before a new model is committed
+    max_failures: int = 0  # failed or too-slow decisions tolerated during probation
+    keep_models: int = 2  # previous models kept for instant rollback
+
+
+@dataclass(frozen=True)
+class RolloutSection:
+    batch_rows: int = 256
+    flush_seconds: float = 5.0
+    resend_seconds: float = 10.0
+    max_rows: int = 1_000_000  # outbox cap; the oldest rows are dropped beyond it
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    path: Path
+    device: DeviceSection
+    signal: SignalSection
+    broker: BrokerSection = field(default_factory=BrokerSection)
+    security: SecuritySection = field(default_factory=SecuritySection)
+    inference: InferenceSection = field(default_factory=InferenceSection)
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)
+    sensor: SensorSection = field(default_factory=SensorSection)
+    actuator: ActuatorSection = field(default_factory=ActuatorSection)
+    download: DownloadSection = field(default_factory=DownloadSection)
+    probation: ProbationSection = field(default_factory=ProbationSection)
+    rollouts: RolloutSection = field(default_factory=RolloutSection)
+
+    @property
+    def id(self) -> str:
+        return self.device.id
+
+    @property
+    def username(self) -> str:
+        return self.broker.username or self.device.id
+
+
+_TYPES = {"device": DeviceSection, "signal": SignalSection, "broker": BrokerSection, "security": SecuritySection,
+          "inference": InferenceSection, "runtime": RuntimeSection, "sensor": SensorSection,
+          "actuator": ActuatorSection, "download": DownloadSection, "probation": ProbationSection,
+          "rollouts": RolloutSection}
+
+
+def profile_path(device_file: Path, name: str) -> Path:
+    return device_file.parent.parent / "profiles" / f"{name}.toml"
+
+
+def load_device_config(path: Path) -> DeviceConfig:
+    """The merged, validated configuration, or a one-line error naming the file and the key."""
+    data = read_toml(path)
+    name = data.get("device", {}).get("profile", "")
+    merged: dict[str, dict[str, Any]] = {}
+    if name:
+        profile_file = profile_path(path, name)
+        if not profile_file.is_file():
+            raise RELEDError(f"{path}: profile {name!r} not found at {profile_file}")
+        for section, values in read_toml(profile_file).items():
+            merged.setdefault(section, {}).update(values)
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise RELEDError(f"{path}: {section!r} must be a [section]")
+        merged.setdefault(section, {}).update(values)
+    unknown = sorted(set(merged) - set(_TYPES))
+    if unknown:
+        raise RELEDError(f"{path}: unknown section(s) {unknown}; expected {sorted(_TYPES)}")
+    sections = {name: _section(path, name, merged.get(name, {})) for name in _TYPES
+                if name in merged or name not in ("device", "signal")}
+    for required in ("device", "signal"):
+        if required not in sections:
+            raise RELEDError(f"{path}: missing [{required}] section")
+    config = DeviceConfig(path=path, **sections)
+    try:
+        check_device_id(config.device.id)
+        config.signal.timing  # noqa: B018  (validates the timings)
+    except ValueError as exc:
+        raise RELEDError(f"{path}: {exc}") from exc
+    if len(config.signal.green_phases) < 2:
+        raise RELEDError(f"{path}: [signal] green_phases needs at least 2 phases")
+    return config
+
+
+def _section(path: Path, name: str, values: dict[str, Any]) -> Any:
+    cls = _TYPES[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise RELEDError(f"{path}: unknown key(s) {unknown} in [{name}]; known: {sorted(fields)}")
+    converted: dict[str, Any] = {}
+    for key, value in values.items():
+        default = fields[key].default
+        kind = str(fields[key].type)
+        try:
+            if "Path" in kind:
+                converted[key] = None if value in ("", None) else (path.parent / Path(value)).resolve()
+            elif "tuple" in kind:
+                if not isinstance(value, list):
+                    raise TypeError("expected a list")
+                converted[key] = tuple(str(v) for v in value)
+            elif isinstance(default, bool):
+                converted[key] = bool(value)
+            elif isinstance(default, float):
+                converted[key] = float(value)
+            elif isinstance(default, int):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise TypeError("expected an integer")
+                converted[key] = value
+            else:
+                converted[key] = str(value)
+        except (TypeError, ValueError) as exc:
+            raise RELEDError(f"{path}: [{name}] {key} = {value!r}: {exc}") from exc
+    try:
+        return cls(**converted)
+    except TypeError as exc:
+        missing = str(exc).split("argument")[-1].strip(": ")
+        raise RELEDError(f"{path}: [{name}] is missing {missing}") from exc
+
+
+def device_files(folder: Path) -> dict[str, DeviceConfig]:
+    """Every device file in ``folder`` by device id (the server's view of the fleet)."""
+    if not folder.is_dir():
+        raise RELEDError(f"device folder {folder} does not exist: give --devices DIR")
+    configs = [load_device_config(p) for p in sorted(folder.glob("*.toml"))]
+    by_id: dict[str, DeviceConfig] = {}
+    for config in configs:
+        if config.id in by_id:
+            raise RELEDError(f"device id {config.id!r} appears in {by_id[config.id].path} and {config.path}")
+        by_id[config.id] = config
+    return by_id

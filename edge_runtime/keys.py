@@ -1,0 +1,147 @@
+"""The server's key folder: the Ed25519 signing key devices pin, MQTT passwords, and a TLS CA.
+
+Layout (all secrets 0600)::
+
+    signing.key  signing.pub          Ed25519, PEM; devices get signing.pub only
+    credentials/<user>.secret         one random password per device and one for the server
+    tls/ca.crt ca.key server.crt server.key
+
+``init`` is safe to run again: existing keys are kept and only missing devices get credentials.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.x509.oid import NameOID
+
+from edge_runtime.errors import RELEDError
+from edge_runtime.fileio import atomic_path
+from edge_runtime.protocol import SERVER_USER, check_device_id
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+        tmp.chmod(0o600)
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise RELEDError(f"public key {path} does not exist: copy signing.pub from the server's key folder") from exc
+    except ValueError as exc:
+        raise RELEDError(f"{path} is not a PEM public key") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise RELEDError(f"{path} is not an Ed25519 public key")
+    return key
+
+
+def read_password(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError as exc:
+        raise RELEDError(f"password file {path} does not exist: run `reled-edge keys init --device ID`") from exc
+
+
+@dataclass(frozen=True)
+class KeyFolder:
+    root: Path
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.root / "signing.key"
+
+    @property
+    def public_key_path(self) -> Path:
+        return self.root / "signing.pub"
+
+    def secret_path(self, user: str) -> Path:
+        return self.root / "credentials" / f"{user}.secret"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.root / "tls"
+
+    def init(self, devices: list[str]) -> tuple[bool, list[str]]:
+        """Create what is missing; returns (signing key created, users given new credentials)."""
+        for device in devices:
+            check_device_id(device)
+            if device == SERVER_USER:
+                raise RELEDError(f"{SERVER_USER!r} is the server's own MQTT user: choose another device id")
+        created = not self.signing_key_path.exists()
+        if created:
+            key = Ed25519PrivateKey.generate()
+            write_secret(self.signing_key_path, key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+            with atomic_path(self.public_key_path) as tmp:
+                tmp.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                              serialization.PublicFormat.SubjectPublicKeyInfo))
+        new_users = [u for u in [SERVER_USER, *devices] if not self.secret_path(u).exists()]
+        for user in new_users:
+            write_secret(self.secret_path(user), (secrets.token_urlsafe(24) + "\n").encode())
+        return created, new_users
+
+    def signing_key(self) -> Ed25519PrivateKey:
+        try:
+            key = serialization.load_pem_private_key(self.signing_key_path.read_bytes(), password=None)
+        except FileNotFoundError as exc:
+            raise RELEDError(f"no signing key in {self.root}: run `reled-edge keys init --keys {self.root}`") from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise RELEDError(f"{self.signing_key_path} is not an Ed25519 private key")
+        return key
+
+    def users(self) -> list[str]:
+        folder = self.root / "credentials"
+        return sorted(p.stem for p in folder.glob("*.secret")) if folder.is_dir() else []
+
+    def password(self, user: str) -> str:
+        return read_password(self.secret_path(user))
+
+    def ensure_tls(self, hosts: list[str]) -> Path:
+        """A CA and a server certificate for ``hosts`` (created once); returns the CA certificate path."""
+        ca_crt = self.tls_dir / "ca.crt"
+        if ca_crt.exists():
+            return ca_crt
+        now = datetime.datetime.now(datetime.UTC)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "RELED fleet CA")])
+        ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+              .serial_number(x509.random_serial_number()).not_valid_before(now)
+              .not_valid_after(now + datetime.timedelta(days=3650))
+              .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+              .sign(ca_key, hashes.SHA256()))
+        server_key = ec.generate_private_key(ec.SECP256R1())
+        names: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        server = (x509.CertificateBuilder()
+                  .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+                  .issuer_name(ca_name).public_key(server_key.public_key())
+                  .serial_number(x509.random_serial_number()).not_valid_before(now)
+                  .not_valid_after(now + datetime.timedelta(days=825))
+                  .add_extension(x509.SubjectAlternativeName(names), critical=False)
+                  .sign(ca_key, hashes.SHA256()))
+        pem = serialization.Encoding.PEM
+        for name, key in (("ca.key", ca_key), ("server.key", server_key)):
+            write_secret(self.tls_dir / name, key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                                serialization.NoEncryption()))
+        with atomic_path(self.tls_dir / "server.crt") as tmp:
+            tmp.write_bytes(server.public_bytes(pem))
+        with atomic_path(ca_crt) as tmp:
+            tmp.write_bytes(ca.public_bytes(pem))
+        os.chmod(self.tls_dir, 0o700)
+        return ca_crt

@@ -1,0 +1,118 @@
+"""One MQTT v5 connection as every RELED process uses it: reconnecting, re-subscribing, messages on a queue.
+
+paho runs the network in its own thread; callers read :attr:`Link.inbox` from theirs, so all state
+changes happen in one thread and need no locks. Subscriptions are renewed on every (re)connect, since
+a broker restart forgets them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge_runtime.errors import RELEDError
+from edge_runtime.protocol import QOS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str = ""
+    password: str = ""
+    ca_file: str | None = None  # set: TLS, server verified against this CA
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class Link:
+    """A connected client; ``on_connect`` callbacks run in paho's thread after subscriptions are renewed."""
+
+    def __init__(self, address: BrokerAddress, client_id: str, subscriptions: list[str],
+                 will: tuple[str, bytes] | None = None, on_connect: Callable[[], None] | None = None):
+        self.address = address
+        self.subscriptions = list(subscriptions)
+        self.inbox: queue.Queue[Message] = queue.Queue()
+        self.connected = threading.Event()
+        self.refused: str | None = None
+        self._on_connect_hook = on_connect
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        client.username_pw_set(address.username, address.password)
+        if address.ca_file:
+            client.tls_set(ca_certs=address.ca_file)
+        if will is not None:
+            client.will_set(will[0], will[1], qos=QOS, retain=True)
+        client.reconnect_delay_set(min_delay=0.2, max_delay=2)
+        client.on_connect = self._connected
+        client.on_disconnect = self._disconnected
+        client.on_message = self._message
+        self.client = client
+
+    def start(self, timeout: float = 10.0) -> Link:
+        """Connect in the background; raises when the broker refuses us or stays unreachable."""
+        self.client.connect_async(self.address.host, self.address.port, keepalive=10,
+                                  clean_start=True)
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            self.close()
+            reason = self.refused or "no answer"
+            raise RELEDError(f"could not connect to MQTT broker {self.address.host}:{self.address.port} as "
+                             f"{self.address.username!r} ({reason}): is it running, and are the credentials right?")
+        return self
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = QOS) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def subscribe(self, topic: str) -> None:
+        self.subscriptions.append(topic)
+        self.client.subscribe(topic, qos=QOS)
+
+    def unsubscribe(self, topic: str) -> None:
+        if topic in self.subscriptions:
+            self.subscriptions.remove(topic)
+            self.client.unsubscribe(topic)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _connected(self, client: mqtt.Client, userdata: object, flags: object, reason: mqtt.ReasonCode,
+                   properties: Properties | None) -> None:
+        if reason.is_failure:
+            self.refused = str(reason)
+            log.warning("broker refused the connection: %s", reason)
+            return
+        for topic in self.subscriptions:
+            client.subscribe(topic, qos=QOS)
+        self.connected.set()
+        if self._on_connect_hook is not None:
+            self._on_connect_hook()
+
+    def _disconnected(self, client: mqtt.Client, userdata: object, flags: object, reason: mqtt.ReasonCode,
+                      properties: Properties | None) -> None:
+        self.connected.clear()
+        log.info("disconnected from the broker (%s); reconnecting", reason)
+
+    def _message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        self.inbox.put(Message(message.topic, bytes(message.payload), bool(message.retain)))
+
+
+def expiring(seconds: int) -> Properties:
+    """Publish properties with a message expiry (stale requests should not pile up in the broker)."""
+    props = Properties(PacketTypes.PUBLISH)
+    props.MessageExpiryInterval = seconds
+    return props
