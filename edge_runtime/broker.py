@@ -94,13 +94,18 @@ def _port_open(host: str, port: int) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """A running process (a zombie left to a PID 1 that does not reap, as in containers, is not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    except OSError:  # no /proc (macOS): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
         return True
-    return True
 
 
 def running_pid(folder: Path) -> int | None:

@@ -299,9 +299,15 @@ class Controller:
         if problem:
             self.refuse(seq, f"manifest refused: {problem}")
             return
-        if self.state.active is not None and manifest.sha256 == self.state.active.sha256:
+        active = self.state.active
+        if active is not None and (manifest.sha256, manifest.policy_version) == (active.sha256,
+                                                                                 active.policy_version):
             self.state.error = ""
             self.enter(DeployState.COMMITTED)  # already running it: a repeated deploy is a no-op
+            return
+        if manifest.policy_version <= self.state.high_water:
+            self.refuse(seq, f"manifest refused: policy version {manifest.policy_version} is not newer than "
+                             f"{self.state.high_water}, the newest this controller has accepted (anti-rollback)")
             return
         self.abandon_job()
         self.state.job = Job(manifest=manifest.to_dict(), seq=seq, have=[False] * len(manifest.chunks))
@@ -324,9 +330,6 @@ class Controller:
             return f"observation schema v{m.schema_version}; this controller builds v{SCHEMA_VERSION}"
         if m.size > config.security.max_model_bytes:
             return f"model of {m.size} bytes exceeds max_model_bytes = {config.security.max_model_bytes}"
-        if m.policy_version <= self.state.high_water:
-            return (f"policy version {m.policy_version} is not newer than {self.state.high_water}, the newest "
-                    "this controller has accepted (anti-rollback)")
         return None
 
     def abandon_job(self) -> None:

@@ -78,7 +78,8 @@ class Link:
         return self.client.publish(topic, payload, qos=qos, retain=retain)
 
     def subscribe(self, topic: str) -> None:
-        self.subscriptions.append(topic)
+        if topic not in self.subscriptions:
+            self.subscriptions.append(topic)
         self.client.subscribe(topic, qos=QOS)
 
     def unsubscribe(self, topic: str) -> None:

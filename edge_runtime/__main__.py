@@ -1,0 +1,5 @@
+"""`python -m edge_runtime` = `reled-edge`."""
+
+from edge_runtime.cli import app
+
+app(prog_name="reled-edge")

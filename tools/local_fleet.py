@@ -1,0 +1,199 @@
+"""A fleet of real controllers on this machine: Mosquitto, key folder, device files, daemon processes.
+
+Tests and `tools/bench/edge_bench.py` build on it; run it by hand to try deployments without hardware:
+
+    .venv/bin/python tools/local_fleet.py --policy policy.onnx --devices 3 --dir /tmp/fleet
+
+starts a broker and one daemon per light of the policy (replaying synthetic detector data) and leaves
+them running until Ctrl-C; then `reled-edge deploy --keys /tmp/fleet/keys --broker-dir /tmp/fleet/broker
+--devices /tmp/fleet/devices --group local --model policy.onnx`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.broker import BrokerInfo
+from edge_runtime.keys import KeyFolder
+from edge_runtime.server import ServerLink, server_address
+
+EDGE = [sys.executable, "-m", "edge_runtime"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def synthetic_replay(path: Path, n_phases: int, steps: int = 600, seed: int = 0) -> Path:
+    """Detector readings with rush-hour-like waves (queued, approaching, longest wait per phase)."""
+    rng = np.random.default_rng(seed)
+    wave = 4 + 3 * np.sin(np.linspace(0, 6 * np.pi, steps))[:, None]
+    queue = rng.poisson(wave * rng.uniform(0.5, 1.5, n_phases))
+    approaching = rng.poisson(wave / 2 * np.ones(n_phases))
+    wait = queue * rng.uniform(2, 8, (steps, n_phases))
+    np.savez(path, per_phase=np.stack([queue, approaching, wait], axis=-1).astype(np.float32))
+    return path
+
+
+def toml_value(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+
+@dataclass
+class LocalFleet:
+    root: Path
+    port: int = field(default_factory=free_port)
+    daemons: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.keys = self.root / "keys"
+        self.broker_dir = self.root / "broker"
+        self.devices = self.root / "devices"
+        self.devices.mkdir(parents=True, exist_ok=True)
+
+    def edge(self, *args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
+        """Run `reled-edge` as a user would; fleet commands get this fleet's keys and broker."""
+        fleet_cmds = {"deploy", "status", "rollback", "collect"}
+        extra = ["--keys", str(self.keys), "--broker-dir", str(self.broker_dir)] if args[0] in fleet_cmds else []
+        if args[0] == "deploy":
+            extra += ["--devices", str(self.devices)]
+        proc = subprocess.run([*EDGE, *args, *extra], capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"reled-edge {' '.join(args)} failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
+        return proc
+
+    def edge_background(self, *args: str, log: Path) -> subprocess.Popen:
+        extra = ["--keys", str(self.keys), "--broker-dir", str(self.broker_dir)]
+        if args[0] == "deploy":
+            extra += ["--devices", str(self.devices)]
+        return subprocess.Popen([*EDGE, *args, *extra], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def write_device(self, device: str, intersection: str, greens: list[str], replay_seed: int = 0,
+                     groups: tuple[str, ...] = ("local",), **sections: dict[str, Any]) -> Path:
+        replay = synthetic_replay(self.root / f"{device}.replay.npz", len(greens), seed=replay_seed)
+        body: dict[str, dict[str, Any]] = {
+            "device": {"id": device, "intersection": intersection, "state_dir": str(self.root / "state" / device),
+                       "groups": list(groups)},
+            "signal": {"green_phases": greens},
+            "broker": {"host": "127.0.0.1", "port": self.port,
+                       "password_file": str(KeyFolder(self.keys).secret_path(device))},
+            "security": {"public_key": str(KeyFolder(self.keys).public_key_path)},
+            "sensor": {"adapter": "replay", "file": str(replay)},
+            "actuator": {"adapter": "log", "file": str(self.root / f"{device}.signal.log")},
+        }
+        for name, values in sections.items():
+            body.setdefault(name, {}).update(values)
+        text = "".join(f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()) + "\n"
+                       for name, values in body.items())
+        path = self.devices / f"{device}.toml"
+        path.write_text(text)
+        return path
+
+    def init_keys(self) -> None:
+        self.edge("keys", "init", "--keys", str(self.keys), "--devices", str(self.devices), check=True)
+
+    def start_broker(self, tls_port: int | None = None) -> None:
+        args = ["broker", "start", "--keys", str(self.keys), "--dir", str(self.broker_dir), "--port", str(self.port)]
+        if tls_port is not None:
+            args += ["--tls-port", str(tls_port)]
+        self.edge(*args, check=True)
+
+    def broker_pid(self) -> int:
+        return BrokerInfo.read(self.broker_dir).pid
+
+    def kill_broker(self) -> None:
+        """SIGKILL: no goodbye, no persistence save (what a crash or a power cut does)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.broker_pid(), signal.SIGKILL)
+        time.sleep(0.2)
+
+    def stop_broker(self) -> None:
+        self.edge("broker", "stop", "--dir", str(self.broker_dir))
+
+    def start_daemon(self, device: str) -> subprocess.Popen:
+        log = (self.root / f"{device}.daemon.log").open("a")
+        proc = subprocess.Popen([*EDGE, "daemon", "--config", str(self.devices / f"{device}.toml")],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.daemons[device] = proc
+        return proc
+
+    def kill_daemon(self, device: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.daemons.pop(device)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        proc.wait(timeout=20)
+
+    def state(self, device: str) -> dict[str, Any]:
+        path = self.root / "state" / device / "state.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def observer(self, extra: list[str] | None = None) -> ServerLink:
+        keys = KeyFolder(self.keys)
+        return ServerLink(keys, server_address(keys, self.broker_dir, None, None), "observer", extra or []).start()
+
+    def close(self) -> None:
+        for device in list(self.daemons):
+            with contextlib.suppress(Exception):
+                self.kill_daemon(device, signal.SIGTERM)
+        with contextlib.suppress(Exception):
+            self.stop_broker()
+
+
+def wait_for(predicate: Any, timeout: float, what: str, poll: Any = None) -> Any:
+    """Poll until ``predicate()`` is truthy; ``poll`` (e.g. a ServerLink.pump) runs between tries."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if poll is not None:
+            poll()
+        else:
+            time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def main() -> None:
+    import argparse
+
+    from edge_runtime.policy import OnnxPolicy
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policy", type=Path, required=True, help="an ONNX policy from `reled export`")
+    parser.add_argument("--devices", type=int, default=3, help="controllers to start (one per light)")
+    parser.add_argument("--dir", type=Path, required=True, help="where keys, broker and device state go")
+    args = parser.parse_args()
+    tables = list(OnnxPolicy(args.policy).meta.phase_tables.items())[:args.devices]
+    fleet = LocalFleet(args.dir)
+    for k, (light, greens) in enumerate(tables):
+        fleet.write_device(f"dev{k}", light, greens, replay_seed=k)
+    fleet.init_keys()
+    fleet.start_broker()
+    for k in range(len(tables)):
+        fleet.start_daemon(f"dev{k}")
+    print(f"broker on 127.0.0.1:{fleet.port}, {len(tables)} controllers; Ctrl-C stops them")
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fleet.close()
+
+
+if __name__ == "__main__":
+    main()
