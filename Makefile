@@ -33,6 +33,9 @@ demo: install
 	@test -f $(OUT)/demos/cologne8-moderate-plan/manifest.json || $(BIN)/reled demos generate --scenario cologne8 \
 		--rounds 2 --candidates 2 --out $(OUT)/demos/cologne8-moderate-plan
 	$(BIN)/reled demos show $(OUT)/demos/cologne8-moderate-plan
+	$(BIN)/reled export --run $(OUT)/runs/demo-ippo-cologne8 --out $(OUT)/policy.onnx --int8
+	rm -rf $(OUT)/fleet
+	$(PY) tools/local_fleet.py --policy $(OUT)/policy.onnx --devices 3 --dir $(OUT)/fleet --deploy
 
 test: install
 	$(BIN)/ruff check .
@@ -48,6 +51,7 @@ bench: install
 	$(PY) tools/bench/env_throughput.py
 	$(PY) tools/bench/train_throughput.py
 	$(PY) tools/bench/llm_throughput.py
+	$(PY) tools/bench/edge_bench.py --json $(OUT)/bench_edge.json
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache

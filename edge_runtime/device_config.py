@@ -94,7 +94,7 @@ class DownloadSection:
 @dataclass(frozen=True)
 class ProbationSection:
     decisions: int = 30  # healthy decisions before a new model is committed
-    max_failures: int = 0  # failed or too-slow decisions tolerated during probation
+    max_failures: int = 2  # failed or too-slow decisions tolerated during probation (an OS hiccup is not a bad model)
     keep_models: int = 2  # previous models kept for instant rollback
 
 

@@ -85,3 +85,13 @@ def test_llm_throughput_bench_reports_both_prefix_settings(tmp_path: Path) -> No
         assert row["calls"] == 4 and row["valid"] == 4  # cologne8: 2 subsets x 2 decisions, all valid
         assert row["agent_decisions_s"] > 0 and row["generated_tok_s"] > 0
     assert on["prompt_tokens_evaluated"] < off["prompt_tokens_evaluated"]  # the prefix cache saved work
+
+
+def test_edge_bench_small_fleet_writes_figures(tmp_path: Path) -> None:
+    script = SCRIPT.parent / "edge_bench.py"
+    data = bench_json(script, tmp_path / "edge.json", "--daemons", "3", "--decisions", "200", "--batches", "10")
+    assert data["deploy"]["committed"] == 3 and data["rollouts"]["acked"] == 10
+    lat = data["latency"]
+    assert {"onnxruntime fp32 decide", "onnxruntime int8 decide", "torch eager (peer)"} <= lat.keys()
+    assert all(0 < v["p50_ms"] <= v["p99_ms"] for v in lat.values())
+    assert 0 < data["daemon_rss_mb"]["mean"] <= data["daemon_rss_mb"]["max"]

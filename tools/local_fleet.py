@@ -5,8 +5,10 @@ Tests and `tools/bench/edge_bench.py` build on it; run it by hand to try deploym
     .venv/bin/python tools/local_fleet.py --policy policy.onnx --devices 3 --dir /tmp/fleet
 
 starts a broker and one daemon per light of the policy (replaying synthetic detector data) and leaves
-them running until Ctrl-C; then `reled-edge deploy --keys /tmp/fleet/keys --broker-dir /tmp/fleet/broker
---devices /tmp/fleet/devices --group local --model policy.onnx`.
+them running until Ctrl-C (``--deploy``: deploys the policy, prints the status and stops). Meanwhile:
+
+    reled-edge deploy --keys /tmp/fleet/keys --broker-dir /tmp/fleet/broker --devices /tmp/fleet/devices \
+        --group local --model policy.onnx
 """
 
 from __future__ import annotations
@@ -177,17 +179,27 @@ def main() -> None:
     parser.add_argument("--policy", type=Path, required=True, help="an ONNX policy from `reled export`")
     parser.add_argument("--devices", type=int, default=3, help="controllers to start (one per light)")
     parser.add_argument("--dir", type=Path, required=True, help="where keys, broker and device state go")
+    parser.add_argument("--deploy", action="store_true", help="deploy --policy to every controller, print the "
+                                                              "fleet's status and stop (instead of waiting)")
     args = parser.parse_args()
     tables = list(OnnxPolicy(args.policy).meta.phase_tables.items())[:args.devices]
     fleet = LocalFleet(args.dir)
-    for k, (light, greens) in enumerate(tables):
-        fleet.write_device(f"dev{k}", light, greens, replay_seed=k)
+    for k, (light, greens) in enumerate(tables):  # replayed 10x faster than real time: probation takes 10 s
+        fleet.write_device(f"dev{k}", light, greens, replay_seed=k, runtime={"speed": 10.0},
+                           probation={"decisions": 10})
     fleet.init_keys()
     fleet.start_broker()
     for k in range(len(tables)):
         fleet.start_daemon(f"dev{k}")
-    print(f"broker on 127.0.0.1:{fleet.port}, {len(tables)} controllers; Ctrl-C stops them")
     try:
+        if args.deploy:
+            for command in (("deploy", "--group", "local", "--model", str(args.policy)), ("status",)):
+                proc = fleet.edge(*command)
+                print(proc.stdout + proc.stderr, end="")
+                if proc.returncode != 0:
+                    raise SystemExit(proc.returncode)
+            return
+        print(f"broker on 127.0.0.1:{fleet.port}, {len(tables)} controllers; Ctrl-C stops them")
         signal.pause()
     except KeyboardInterrupt:
         pass
