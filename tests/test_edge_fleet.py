@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 DEVICES = ("dev0", "dev1", "dev2")
 FAST = {"runtime": {"decision_seconds": 1.0, "speed": 20.0},
         "probation": {"decisions": 10},
-        "download": {"kbps": 16.0, "chunk_timeout": 1.0},
+        "download": {"kbps": 8.0, "chunk_timeout": 1.0},
         "security": {"max_model_bytes": 1_000_000}}
 
 
