@@ -370,7 +370,9 @@ class Controller:
         batch = [i for i in missing if i not in self.requested][:room]
         if self.config.download.kbps > 0:
             batch = batch[:1]
-            self.next_request_at = now + job.manifest["chunk_size"] / (self.config.download.kbps * 1024)
+            size, index = job.manifest["chunk_size"], batch[0] if batch else 0
+            nbytes = min(size, job.manifest["size"] - index * size)
+            self.next_request_at = now + nbytes / (self.config.download.kbps * 1024)
         if not batch:
             return
         self.link.publish(device_topic(self.id, "req/chunk"),

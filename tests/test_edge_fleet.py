@@ -173,9 +173,9 @@ def test_a_tampered_chunk_is_refused(fleet):
     v2 = fleet.models[2]
     tampered = bytearray(v2.data)
     tampered[len(tampered) // 2] ^= 0xFF
-    fleet.link.serve(dataclasses.replace(v2, data=bytes(tampered)), 65536)  # sha256 still names the real model
+    fleet.link.serve(dataclasses.replace(v2, data=bytes(tampered)), 1024)  # sha256 still names the real model
     fleet.link.events.pop("dev0", None)
-    fleet.link.command("dev0", {"kind": "deploy", "manifest": v2.manifest(fleet.lights[0], 65536, 3600).to_dict()})
+    fleet.link.command("dev0", {"kind": "deploy", "manifest": v2.manifest(fleet.lights[0], 1024, 3600).to_dict()})
     wait_event(fleet, "dev0", "failed its hash check")
     wait_event(fleet, "dev0", "deployment abandoned")
     fleet.link.pump(0.5)
