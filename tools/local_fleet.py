@@ -62,6 +62,7 @@ class LocalFleet:
     daemons: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.root = self.root.resolve()  # device files name absolute paths
         self.keys = self.root / "keys"
         self.broker_dir = self.root / "broker"
         self.devices = self.root / "devices"
@@ -134,6 +135,14 @@ class LocalFleet:
         self.daemons[device] = proc
         return proc
 
+    def check_daemons(self, settle: float = 2.0) -> None:
+        """Raise with the log's last line if a daemon exited (a bad device file, a missing key)."""
+        time.sleep(settle)
+        for device, proc in self.daemons.items():
+            if proc.poll() is not None:
+                lines = (self.root / f"{device}.daemon.log").read_text().strip().splitlines() or ["no log"]
+                raise RuntimeError(f"daemon {device} exited with {proc.returncode}: {lines[-1]}")
+
     def kill_daemon(self, device: str, sig: int = signal.SIGKILL) -> None:
         proc = self.daemons.pop(device)
         with contextlib.suppress(ProcessLookupError):
@@ -191,9 +200,12 @@ def main() -> None:
     fleet.start_broker()
     for k in range(len(tables)):
         fleet.start_daemon(f"dev{k}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`, systemd: still stop the fleet
     try:
+        fleet.check_daemons()
         if args.deploy:
-            for command in (("deploy", "--group", "local", "--model", str(args.policy)), ("status",)):
+            for command in (("deploy", "--group", "local", "--model", str(args.policy), "--timeout", "120"),
+                            ("status",)):
                 proc = fleet.edge(*command)
                 print(proc.stdout + proc.stderr, end="")
                 if proc.returncode != 0:
