@@ -34,7 +34,10 @@ DEVICES = ("dev0", "dev1", "dev2")
 FAST = {"runtime": {"decision_seconds": 1.0, "speed": 20.0},
         "probation": {"decisions": 10},
         "download": {"kbps": 8.0, "chunk_timeout": 1.0},
-        "security": {"max_model_bytes": 1_000_000}}
+        "security": {"max_model_bytes": 1_000_000},
+        # 4 daemons, the broker and pytest share this machine's 2 cores: a scheduling stall of a few ms is not the
+        # policy's fault (a street controller has its CPU to itself and keeps the 5 ms default)
+        "inference": {"latency_budget_ms": 50.0}}
 
 
 def export(out: Path, version: int, seed: int) -> Model:
@@ -139,7 +142,8 @@ def refusal(fleet, payload: bytes, needle: str, device: str = "dev0") -> None:
     assert event["kind"] in ("refused", "failed")
     fleet.link.pump(0.5)
     assert active_sha(fleet, device) == fleet.models[1].sha256
-    assert reported(fleet, device)["mode"] == "policy"
+    wait_for(lambda: reported(fleet, device).get("mode") == "policy", 10, f"{device} deciding with its policy",
+             poll=lambda: fleet.link.pump(0.05))
 
 
 def signed(fleet, document: dict, key=None) -> bytes:
