@@ -15,6 +15,7 @@ import queue
 import socket
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from edge_runtime.deploy_state import DeployState, Job, ModelRef, StateFile
 from edge_runtime.device_config import DeviceConfig
 from edge_runtime.errors import RELEDError
 from edge_runtime.features import SCHEMA_VERSION, action_mask, build_observation
+from edge_runtime.fileio import sha256_file
 from edge_runtime.keys import load_public_key, read_password
 from edge_runtime.mqtt import BrokerAddress, Link, Message
 from edge_runtime.outbox import Outbox
@@ -37,14 +39,6 @@ log = logging.getLogger(__name__)
 
 REPORT_EVERY = 1.0  # seconds between progress reports while the state does not change
 SELFTEST_RUNS = 50  # timed decisions in the staging latency check
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sd_notify(message: str) -> None:
@@ -114,8 +108,7 @@ class Controller:
     def run(self) -> None:
         """Recover, connect in the background and drive the signal until :meth:`stop`."""
         self.recover()
-        self.link.client.connect_async(self.link.address.host, self.link.address.port, keepalive=10)
-        self.link.client.loop_start()
+        self.link.connect()
         sd_notify("READY=1")
         next_decision = self.clock.now()
         last_watchdog = 0.0
@@ -174,9 +167,7 @@ class Controller:
         self.link.publish(device_topic(self.id, "status"),
                           encode({"online": True, "device": self.id, "pid": os.getpid(), "ts": time.time()}),
                           retain=True)
-        if self.state.job is not None and self.state.state is DeployState.DOWNLOADING:
-            self.link.subscribe(chunk_topic(self.state.job.manifest["sha256"], "+"))
-        self.requested.clear()
+        self.requested.clear()  # chunks asked for before the drop may never come: ask again
         self.outbox.resend_all()
         self.report(force=True)
 
@@ -200,7 +191,7 @@ class Controller:
             job = {"sha256": s.job.manifest["sha256"], "policy_version": s.job.manifest["policy_version"],
                    "seq": s.job.seq, "chunks_have": sum(s.job.have), "chunks_total": len(s.job.have)}
         body = {"device": self.id, "intersection": self.config.device.intersection, "state": str(s.state),
-                "active": s.active.__dict__ if s.active else None, "previous": [p.__dict__ for p in s.previous],
+                "active": asdict(s.active) if s.active else None, "previous": [asdict(p) for p in s.previous],
                 "high_water": s.high_water, "desired_seq": s.desired_seq, "error": s.error,
                 "error_seq": s.error_seq, "job": job,
                 "mode": "policy" if self.last_source == SOURCE_POLICY else "fallback",
@@ -208,8 +199,8 @@ class Controller:
         self.link.publish(device_topic(self.id, "reported"), encode(body), retain=True)
 
     def event(self, kind: str, detail: str) -> None:
-        log.warning("%s: %s", kind, detail) if kind in ("refused", "failed", "rolled_back") else \
-            log.info("%s: %s", kind, detail)
+        log.log(logging.WARNING if kind in ("refused", "failed", "rolled_back") else logging.INFO, "%s: %s", kind,
+                detail)
         self.link.publish(device_topic(self.id, "events"),
                           encode({"device": self.id, "kind": kind, "detail": detail, "state": str(self.state.state),
                                   "ts": time.time()}))
@@ -236,9 +227,9 @@ class Controller:
         elif s.state in (DeployState.VERIFIED, DeployState.STAGED):
             self.verify_and_stage()
         elif s.state is DeployState.DOWNLOADING and s.job is not None:
-            part = self.part_path(s.job.manifest["sha256"])
-            if not part.exists():
+            if not self.part_path(s.job.manifest["sha256"]).exists():
                 s.job.have = [False] * len(s.job.have)
+            self.link.subscribe(chunk_topic(s.job.manifest["sha256"], "+"))  # taken up when the link connects
         self.save()
 
     # -- commands from the server ----------------------------------------------------------------

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_runtime.errors import RELEDError
@@ -62,11 +61,14 @@ class Link:
         client.on_message = self._message
         self.client = client
 
-    def start(self, timeout: float = 10.0) -> Link:
-        """Connect in the background; raises when the broker refuses us or stays unreachable."""
-        self.client.connect_async(self.address.host, self.address.port, keepalive=10,
-                                  clean_start=True)
+    def connect(self) -> None:
+        """Connect (and keep reconnecting) in the background; a controller must not wait for the broker."""
+        self.client.connect_async(self.address.host, self.address.port, keepalive=10, clean_start=True)
         self.client.loop_start()
+
+    def start(self, timeout: float = 10.0) -> Link:
+        """Connect and wait; raises when the broker refuses us or stays unreachable."""
+        self.connect()
         if not self.connected.wait(timeout):
             self.close()
             reason = self.refused or "no answer"
@@ -111,9 +113,3 @@ class Link:
     def _message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         self.inbox.put(Message(message.topic, bytes(message.payload), bool(message.retain)))
 
-
-def expiring(seconds: int) -> Properties:
-    """Publish properties with a message expiry (stale requests should not pile up in the broker)."""
-    props = Properties(PacketTypes.PUBLISH)
-    props.MessageExpiryInterval = seconds
-    return props

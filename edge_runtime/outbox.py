@@ -45,6 +45,12 @@ class Outbox:
         self.max_rows = max_rows
         self.epoch = self._epoch()
         self.dropped = 0
+        # Counters kept in memory: the decision loop reads them every iteration, COUNT(*) is O(rows)
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='rows'").fetchone()
+        self._recorded = int(row[0]) if row else 0
+        self._pending = int(self.db.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
+        self._unbatched, self._oldest = self.db.execute(
+            "SELECT COUNT(*), MIN(added) FROM rows WHERE batch IS NULL").fetchone()
 
     def _epoch(self) -> int:
         row = self.db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
@@ -61,36 +67,43 @@ class Outbox:
             "VALUES (?,?,?,?,?,?,?,?,?,?)",
             (time.time(), t, obs.astype(np.float32).tobytes(), mask.astype(bool).tobytes(), action, log_prob,
              int(override), reward, source, policy_version))
-        return int(cursor.lastrowid or 0)
+        self._recorded = int(cursor.lastrowid or 0)
+        self._pending += 1
+        self._unbatched += 1
+        if self._oldest is None:
+            self._oldest = time.time()
+        return self._recorded
 
     def recorded(self) -> int:
-        """Decisions ever recorded in this epoch (the AUTOINCREMENT counter survives deletions)."""
-        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='rows'").fetchone()
-        return int(row[0]) if row else 0
+        """Decisions ever recorded in this epoch (the AUTOINCREMENT id: deletions do not lower it)."""
+        return self._recorded
 
     def pending_rows(self) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
+        """Rows not yet acknowledged."""
+        return self._pending
+
+    def _refresh_oldest(self) -> None:
+        self._oldest = self.db.execute("SELECT MIN(added) FROM rows WHERE batch IS NULL").fetchone()[0]
 
     def seal(self, force: bool = False) -> int:
         """Pack unbatched rows into batches when enough are waiting or the oldest is old; returns batches made."""
         made = 0
-        while True:
-            count, oldest = self.db.execute("SELECT COUNT(*), MIN(added) FROM rows WHERE batch IS NULL").fetchone()
-            if not count or (count < self.batch_rows and not force and time.time() - oldest < self.flush_seconds):
-                return made
-            self._seal_one()
+        while self._unbatched and (force or self._unbatched >= self.batch_rows
+                                   or time.time() - self._oldest >= self.flush_seconds):
+            self._unbatched -= self._seal_one()
+            self._refresh_oldest()
             made += 1
+        return made
 
-    def _seal_one(self) -> None:
+    def _seal_one(self) -> int:
+        """The oldest unbatched rows (at most batch_rows) become one stored batch; returns its row count."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            ids = [r[0] for r in self.db.execute("SELECT id FROM rows WHERE batch IS NULL ORDER BY id LIMIT ?",
-                                                 (self.batch_rows,))]
             seq = int(self.db.execute("INSERT INTO batches (created, sent, payload) VALUES (?, NULL, x'')",
                                       (time.time(),)).lastrowid or 0)
             rows = self.db.execute(
                 "SELECT id, time, obs, mask, action, log_prob, override, reward, source, policy_version FROM rows "
-                f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id", ids).fetchall()
+                "WHERE batch IS NULL ORDER BY id LIMIT ?", (self.batch_rows,)).fetchall()
             columns = {
                 "decision": np.array([r[0] for r in rows], dtype=np.int64),
                 "time": np.array([r[1] for r in rows], dtype=np.float64),
@@ -101,11 +114,13 @@ class Outbox:
                 columns[name] = np.array([r[k] for r in rows], dtype=COLUMNS[name][0])
             payload = pack(Batch(self.device, self.epoch, seq, columns))
             self.db.execute("UPDATE batches SET payload=? WHERE seq=?", (payload, seq))
-            self.db.execute(f"UPDATE rows SET batch=? WHERE id IN ({','.join('?' * len(ids))})", [seq, *ids])
+            # the rows taken are exactly the unbatched ones up to the last id taken
+            self.db.execute("UPDATE rows SET batch=? WHERE batch IS NULL AND id <= ?", (seq, rows[-1][0]))
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
+        return len(rows)
 
     def due(self, limit: int = 16) -> list[tuple[int, bytes]]:
         """Batches never sent or unacknowledged for ``resend_seconds``; marks them sent now."""
@@ -121,24 +136,38 @@ class Outbox:
         self.db.execute("UPDATE batches SET sent=NULL")
 
     def ack(self, epoch: int, seq: int) -> bool:
-        if epoch != self.epoch:
-            return False
+        return epoch == self.epoch and self._delete_batch(seq) > 0
+
+    def _delete_batch(self, seq: int) -> int:
+        """Delete a batch and its rows; returns the rows deleted (0: no such batch)."""
         self.db.execute("BEGIN IMMEDIATE")
-        self.db.execute("DELETE FROM rows WHERE batch=?", (seq,))
-        deleted = self.db.execute("DELETE FROM batches WHERE seq=?", (seq,)).rowcount
+        rows = self.db.execute("DELETE FROM rows WHERE batch=?", (seq,)).rowcount
+        self.db.execute("DELETE FROM batches WHERE seq=?", (seq,))
         self.db.execute("COMMIT")
-        return deleted > 0
+        self._pending -= rows
+        return rows
 
     def enforce_cap(self) -> int:
-        """Drop the oldest rows beyond ``max_rows`` (a controller offline for weeks must not fill its disk)."""
-        excess = self.pending_rows() - self.max_rows
-        if excess <= 0:
-            return 0
-        self.db.execute("DELETE FROM rows WHERE id IN (SELECT id FROM rows WHERE batch IS NULL ORDER BY id LIMIT ?)",
-                        (excess,))
-        self.dropped += excess
-        log.warning("outbox over %d rows: dropped the %d oldest", self.max_rows, excess)
-        return excess
+        """Drop the oldest rows, whole batches first, beyond ``max_rows`` (a controller offline for weeks must not
+        fill its disk); returns the rows dropped."""
+        dropped = 0
+        while self._pending > self.max_rows:
+            oldest = self.db.execute("SELECT MIN(seq) FROM batches").fetchone()[0]
+            if oldest is not None:
+                gone = self._delete_batch(oldest)
+            else:
+                gone = self.db.execute("DELETE FROM rows WHERE id IN (SELECT id FROM rows WHERE batch IS NULL "
+                                       "ORDER BY id LIMIT ?)", (self._pending - self.max_rows,)).rowcount
+                self._pending -= gone
+                self._unbatched -= gone
+                self._refresh_oldest()
+            if not gone:
+                break
+            dropped += gone
+        if dropped:
+            self.dropped += dropped
+            log.warning("outbox over %d rows: dropped the %d oldest", self.max_rows, dropped)
+        return dropped
 
     def close(self) -> None:
         self.db.close()

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -93,27 +94,32 @@ def masked_log_softmax(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+def open_session(path: Path, threads: int = 1, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
+    """An ONNX Runtime session with a controller's settings: ``threads`` intra-op threads, no inter-op
+    parallelism, the first available of ``providers`` (CPU when none is)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    available = set(ort.get_available_providers())
+    chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+    if len(chosen) < len(providers):
+        log.info("providers %s not available here; using %s", [p for p in providers if p not in available], chosen)
+    try:
+        return ort.InferenceSession(str(path), options, providers=chosen)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
+        raise RELEDError(f"{path} could not be loaded by ONNX Runtime: {str(exc).splitlines()[0]}") from exc
+
+
 class OnnxPolicy:
     """One ONNX Runtime session on a RELED policy file, with its metadata checked."""
 
     def __init__(self, path: Path, threads: int = 1, providers: Sequence[str] = ("CPUExecutionProvider",)):
-        import onnxruntime as ort
-
         self.path = path
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3
-        available = set(ort.get_available_providers())
-        chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
-        if len(chosen) < len(providers):
-            log.info("providers %s not available here; using %s", [p for p in providers if p not in available],
-                     chosen)
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=chosen)
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
-            raise RELEDError(f"{path} could not be loaded by ONNX Runtime: {str(exc).splitlines()[0]}") from exc
+        self.session = open_session(path, threads, providers)
         self.meta = PolicyMetadata.from_props(self.session.get_modelmeta().custom_metadata_map, str(path))
         names_in = tuple(i.name for i in self.session.get_inputs())
         names_out = tuple(o.name for o in self.session.get_outputs())

@@ -55,13 +55,9 @@ def check_device_id(device: str) -> str:
     return device
 
 
-def canonical(document: dict[str, Any]) -> bytes:
-    """The exact bytes that are signed: sorted keys, no spaces, UTF-8."""
-    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 def encode(document: dict[str, Any]) -> bytes:
-    return canonical(document)
+    """Canonical JSON (sorted keys, no spaces, UTF-8): every message, and the exact bytes that are signed."""
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def decode_json(payload: bytes, limit: int = JSON_LIMIT) -> dict[str, Any]:
@@ -78,7 +74,7 @@ def decode_json(payload: bytes, limit: int = JSON_LIMIT) -> dict[str, Any]:
 
 def sign(document: dict[str, Any], key: Ed25519PrivateKey) -> bytes:
     """A signed envelope ``{"doc": ..., "sig": base64}`` ready to publish."""
-    signature = base64.b64encode(key.sign(canonical(document))).decode()
+    signature = base64.b64encode(key.sign(encode(document))).decode()
     return encode({"doc": document, "sig": signature})
 
 
@@ -89,7 +85,7 @@ def verify(payload: bytes, key: Ed25519PublicKey) -> dict[str, Any]:
     if not isinstance(document, dict) or not isinstance(signature, str):
         raise ProtocolError("unsigned document: expected {\"doc\": {...}, \"sig\": \"...\"}")
     try:
-        key.verify(base64.b64decode(signature, validate=True), canonical(document))
+        key.verify(base64.b64decode(signature, validate=True), encode(document))
     except (InvalidSignature, ValueError) as exc:
         raise ProtocolError("bad signature: not signed by the pinned server key") from exc
     return document

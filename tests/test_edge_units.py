@@ -84,6 +84,11 @@ def test_outbox_cap_drops_the_oldest_rows(tmp_path):
     outbox = Outbox(tmp_path / "o.sqlite", "dev", max_rows=5)
     rows(outbox, 8)
     assert outbox.enforce_cap() == 3 and outbox.pending_rows() == 5
+    sealed = Outbox(tmp_path / "s.sqlite", "dev", batch_rows=4, max_rows=5)
+    rows(sealed, 8)
+    sealed.seal()  # offline: everything sits in unacknowledged batches
+    assert sealed.enforce_cap() == 4 and sealed.pending_rows() == 4  # the oldest batch goes
+    assert [seq for seq, _ in sealed.due()] == [2]
 
 
 def test_rollout_batches_refuse_garbage():

@@ -68,22 +68,23 @@ class LocalFleet:
         self.devices = self.root / "devices"
         self.devices.mkdir(parents=True, exist_ok=True)
 
-    def edge(self, *args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
-        """Run `reled-edge` as a user would; fleet commands get this fleet's keys and broker."""
-        fleet_cmds = {"deploy", "status", "rollback", "collect"}
-        extra = ["--keys", str(self.keys), "--broker-dir", str(self.broker_dir)] if args[0] in fleet_cmds else []
+    def _command(self, args: tuple[str, ...]) -> list[str]:
+        """`reled-edge ARGS`, with this fleet's keys, broker and device folder for the fleet commands."""
+        extra = ["--keys", str(self.keys), "--broker-dir", str(self.broker_dir)] \
+            if args[0] in ("deploy", "status", "rollback", "collect") else []
         if args[0] == "deploy":
             extra += ["--devices", str(self.devices)]
-        proc = subprocess.run([*EDGE, *args, *extra], capture_output=True, text=True, timeout=timeout)
+        return [*EDGE, *args, *extra]
+
+    def edge(self, *args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
+        """Run `reled-edge` as a user would and wait for it."""
+        proc = subprocess.run(self._command(args), capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise RuntimeError(f"reled-edge {' '.join(args)} failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
         return proc
 
     def edge_background(self, *args: str, log: Path) -> subprocess.Popen:
-        extra = ["--keys", str(self.keys), "--broker-dir", str(self.broker_dir)]
-        if args[0] == "deploy":
-            extra += ["--devices", str(self.devices)]
-        return subprocess.Popen([*EDGE, *args, *extra], stdout=log.open("w"), stderr=subprocess.STDOUT,
+        return subprocess.Popen(self._command(args), stdout=log.open("w"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
     def write_device(self, device: str, intersection: str, greens: list[str], replay_seed: int = 0,

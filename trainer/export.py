@@ -24,7 +24,7 @@ import torch
 from edge_runtime.errors import RELEDError
 from edge_runtime.features import MAX_PHASES, SCHEMA_VERSION, feature_size
 from edge_runtime.fileio import atomic_path
-from edge_runtime.policy import INPUTS, OUTPUTS, OnnxPolicy, PolicyMetadata, SelfTest
+from edge_runtime.policy import INPUTS, OUTPUTS, OnnxPolicy, PolicyMetadata, SelfTest, open_session
 from trainer.marl.checkpoint import actor_from_checkpoint, check_scenario, load_checkpoint
 from trainer.marl.networks import Actor
 
@@ -77,21 +77,30 @@ class _ActorWithAction(torch.nn.Module):
         return logits, logits.argmax(dim=-1)
 
 
-def load_actor(request: ExportRequest) -> tuple[Actor, str, str, list[str], dict[str, Any]]:
-    """The actor to export with its scenario, demand, agents and the env settings it was trained with."""
+@dataclass(frozen=True)
+class ActorSource:
+    """The actor to export and what it was trained on (``checkpoint`` is None for a fresh actor)."""
+
+    actor: Actor
+    scenario: str
+    demand: str
+    timing: dict[str, Any] | None
+    checkpoint: dict[str, Any] | None = None
+    path: Path | None = None
+
+
+def load_actor(request: ExportRequest) -> ActorSource:
     if request.run is not None:
         path = request.run
         if path.is_dir():
             path = next((path / name for name in ("best.pt", "latest.pt") if (path / name).is_file()), path)
         data = load_checkpoint(path)
-        env = data["config"].get("env", {})
-        timing = data["config"].get("timing")
-        return actor_from_checkpoint(data), data["scenario"], data["demand"], data["agents"], \
-            {"reward": env.get("reward", "queue"), "timing": timing, "n_phases": data["n_phases"], "path": path}
+        return ActorSource(actor_from_checkpoint(data), data["scenario"], data["demand"],
+                           data["config"].get("timing"), data, path)
     if request.scenario is None:
         raise RELEDError("give --run runs/NAME (a trained policy) or --scenario NAME (a freshly initialized one)")
     torch.manual_seed(request.seed)
-    return Actor().eval(), request.scenario, request.demand, [], {"timing": None}
+    return ActorSource(Actor().eval(), request.scenario, request.demand, None)
 
 
 def collect_holdout(actor: Actor, scenario: str, demand: str, decisions: int, timing: dict[str, Any] | None,
@@ -171,13 +180,13 @@ def export_policy(request: ExportRequest, progress: Callable[[str], None] = log.
         raise RELEDError(f"--out {request.out} must end in .onnx")
     if request.out.is_dir():
         raise RELEDError(f"--out {request.out} is a folder: give a file name such as {request.out / 'policy.onnx'}")
-    actor, scenario, demand, agents, extra = load_actor(request)
-    progress(f"collecting {request.holdout_decisions} held-out decisions on {scenario} ({demand})")
-    obs, mask, tables, env_agents, n_phases = collect_holdout(actor, scenario, demand, request.holdout_decisions,
-                                                              extra["timing"])
-    if agents:
-        check_scenario({"scenario": scenario, "agents": agents, "n_phases": extra["n_phases"]}, extra["path"],
-                       scenario, env_agents, n_phases)
+    source = load_actor(request)
+    actor, scenario = source.actor, source.scenario
+    progress(f"collecting {request.holdout_decisions} held-out decisions on {scenario} ({source.demand})")
+    obs, mask, tables, agents, n_phases = collect_holdout(actor, scenario, source.demand, request.holdout_decisions,
+                                                          source.timing)
+    if source.checkpoint is not None:
+        check_scenario(source.checkpoint, source.path, scenario, agents, n_phases)
     with torch.no_grad():
         ref_logits = actor(torch.from_numpy(obs), torch.from_numpy(mask)).numpy()
     ref_actions = ref_logits.argmax(-1)
@@ -232,12 +241,7 @@ def _check_selftest(path: Path) -> None:
 
 def _raw_run(path: Path, obs: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Run a model that has no RELED metadata yet (the fresh int8 file)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    logits, actions = session.run(None, {"obs": obs, "mask": mask})
+    logits, actions = open_session(path).run(None, {"obs": obs, "mask": mask})
     return logits, actions
 
 

@@ -159,7 +159,7 @@ def main() -> None:
         request = ExportRequest(out=root / "policy.onnx", run=args.run, scenario=None if args.run else "grid2x2",
                                 int8=True, policy_version=1, holdout_decisions=30)
         report = export_policy(request)
-        actor = load_actor(request)[0]
+        actor = load_actor(request).actor
         lat = latency(report.fp32, report.int8, actor, args.decisions)
 
         fleet = LocalFleet(root / "fleet")

@@ -9,7 +9,6 @@ never starts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edge_runtime.errors import RELEDError
-from edge_runtime.fileio import atomic_path, atomic_write_text
+from edge_runtime.fileio import atomic_path, atomic_write_text, sha256_file
 from trainer.sed.answers import AnswerFormat
 
 log = logging.getLogger(__name__)
@@ -143,11 +142,7 @@ def file_sha256(path: Path) -> str:
     cache = reled_home() / "cache" / "model_hashes.json"
     known = json.loads(cache.read_text()) if cache.is_file() else {}
     if key not in known:
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-        known[key] = digest.hexdigest()
+        known[key] = sha256_file(path)
         atomic_write_text(cache, json.dumps(known, indent=1))
     return known[key]
 
