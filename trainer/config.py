@@ -1,43 +1,26 @@
-"""Environment settings from a TOML file, overridden by CLI flags; unknown keys are refused."""
+"""Environment settings from a TOML file (``[env]``, ``[timing]``), overridden by CLI flags."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.errors import RELEDError
-from edge_runtime.fileio import read_toml
+from edge_runtime.settings import build_section, read_sections, section_values, settings_keys
 from trainer.env import EnvConfig
 from trainer.scenarios import DecisionTiming
 
-ENV_KEYS = {f.name for f in dataclasses.fields(EnvConfig)} - {"timing", "sumo_args"}
-TIMING_KEYS = {f.name for f in dataclasses.fields(DecisionTiming)}
+ENV_KEYS = settings_keys(EnvConfig, exclude=("timing", "sumo_args"))
 
 
 def load_env_config(path: Path | None, **flags: Any) -> EnvConfig:
     """Build an EnvConfig: file values first, then every flag that is not None."""
-    values: dict[str, Any] = {}
-    timing: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {"env": {}, "timing": {}}
     if path is not None:
-        data = read_toml(path)
-        env = dict(data.pop("env", {}))
-        timing = dict(data.pop("timing", {}))
-        if data:
-            raise RELEDError(f"config file {path}: unknown section(s) {sorted(data)}; expected [env] and [timing]")
-        check_keys(path, "env", env, ENV_KEYS)
-        check_keys(path, "timing", timing, TIMING_KEYS)
-        values.update(env)
+        sections.update(read_sections(path, sections))
+    source = f"config file {path}" if path is not None else "flags"
+    env = section_values(source, "env", sections["env"], EnvConfig, allowed=ENV_KEYS)
+    timing = section_values(source, "timing", sections["timing"], DecisionTiming)
     timing.update({k: v for k, v in flags.pop("timing", {}).items() if v is not None})
-    values.update({k: v for k, v in flags.items() if v is not None})
-    try:
-        return EnvConfig(**values, timing=DecisionTiming(**timing) if timing else None)
-    except TypeError as exc:
-        raise RELEDError(f"bad configuration value: {exc}") from exc
-
-
-def check_keys(path: Path, section: str, given: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(given) - allowed)
-    if unknown:
-        raise RELEDError(f"config file {path}: unknown key(s) {unknown} in [{section}]; "
-                         f"allowed: {', '.join(sorted(allowed))}")
+    env.update({k: v for k, v in flags.items() if v is not None})
+    timing_cfg = build_section(source, "timing", timing, DecisionTiming) if timing else None
+    return build_section(source, "env", env, EnvConfig, allowed=ENV_KEYS | set(flags), timing=timing_cfg)

@@ -7,15 +7,12 @@ Multi-Agent Games") and EPyMARL's PPO settings, scaled to one SUMO episode per w
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from edge_runtime.errors import RELEDError
-from edge_runtime.fileio import read_toml
-from trainer.config import TIMING_KEYS, check_keys
+from edge_runtime.settings import build_section, read_sections, section_values, settings_keys
 from trainer.env import EnvConfig
 from trainer.scenarios import DecisionTiming
 
@@ -83,72 +80,30 @@ class TrainConfig:
         return out
 
 
-TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"ppo", "env"}
+TRAIN_KEYS = settings_keys(TrainConfig, exclude=("ppo", "env"))
 # what a training run may set in [env]; fixed-time mode, the GUI and metrics-off make no sense in training,
 # and scenario / demand belong to [train]
 TRAIN_ENV_KEYS = {"reward", "backend", "episode_seconds", "detector_range", "time_to_teleport"}
-PPO_KEYS = {f.name for f in dataclasses.fields(PPOConfig)}
+SECTIONS: dict[str, tuple[type, set[str]]] = {
+    "train": (TrainConfig, TRAIN_KEYS), "ppo": (PPOConfig, settings_keys(PPOConfig)),
+    "env": (EnvConfig, TRAIN_ENV_KEYS), "timing": (DecisionTiming, settings_keys(DecisionTiming))}
 
 
 def load_train_config(path: Path | None, *, train: dict[str, Any], ppo: dict[str, Any] | None = None,
                       env: dict[str, Any] | None = None, timing: dict[str, Any] | None = None) -> TrainConfig:
     """File values first, then every flag that is not None; unknown keys and wrong types are refused."""
-    sections: dict[str, dict[str, Any]] = {"train": {}, "ppo": {}, "env": {}, "timing": {}}
-    allowed = {"train": TRAIN_KEYS, "ppo": PPO_KEYS, "env": TRAIN_ENV_KEYS, "timing": TIMING_KEYS}
-    source = "flags"
+    given: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if path is not None:
-        source = f"config file {path}"
-        data = read_toml(path)
-        unknown = sorted(set(data) - set(sections))
-        if unknown:
-            raise RELEDError(f"{source}: unknown section(s) {unknown}; expected [train], [ppo], [env], [timing]")
-        for name, given in data.items():
-            if not isinstance(given, dict):
-                raise RELEDError(f"{source}: [{name}] must be a table")
-            check_keys(path, name, given, allowed[name])
-            sections[name].update(given)
+        given.update(read_sections(path, SECTIONS))
+    source = f"config file {path}" if path is not None else "flags"
+    values = {name: section_values(source, name, given[name], cls, allowed=keys)
+              for name, (cls, keys) in SECTIONS.items()}
     for name, flags in (("train", train), ("ppo", ppo or {}), ("env", env or {}), ("timing", timing or {})):
-        given = {k: v for k, v in flags.items() if v is not None}
-        unknown = sorted(set(given) - allowed[name])
-        if unknown:
-            raise RELEDError(f"unknown [{name}] setting(s) {unknown}; allowed: {', '.join(sorted(allowed[name]))}")
-        sections[name].update(given)
-    for name, cls in (("train", TrainConfig), ("ppo", PPOConfig), ("env", EnvConfig), ("timing", DecisionTiming)):
-        _check_types(source, name, sections[name], cls)
-    timing_cfg = DecisionTiming(**sections["timing"]) if sections["timing"] else None
-    return TrainConfig(**sections["train"], ppo=PPOConfig(**sections["ppo"]),
-                       env=EnvConfig(**sections["env"], timing=timing_cfg))
-
-
-def _check_types(source: str, section: str, values: dict[str, Any], cls: type) -> None:
-    """A value of the wrong type is named with the type it should have (ints are accepted as floats)."""
-    hints = typing.get_type_hints(cls)
-    for key, value in values.items():
-        expected = hints.get(key)
-        if expected is None or _matches(value, expected):
-            continue
-        raise RELEDError(f"{source}: [{section}] {key} = {value!r} should be {_type_name(expected)}")
-
-
-def _matches(value: Any, expected: Any) -> bool:
-    origin = typing.get_origin(expected)
-    if origin is Literal:
-        return True  # the constructors name the valid choices (unknown algorithm, reward, backend)
-    if origin in (types.UnionType, typing.Union):
-        return any(_matches(value, arg) for arg in typing.get_args(expected))
-    if expected is type(None):
-        return value is None
-    if expected is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(expected, type):
-        return isinstance(value, expected)
-    return True  # nested configs and tuples are checked by their own constructors
-
-
-def _type_name(expected: Any) -> str:
-    origin = typing.get_origin(expected)
-    if origin in (types.UnionType, typing.Union):
-        return " or ".join(_type_name(a) for a in typing.get_args(expected))
-    return "none" if expected is type(None) else getattr(expected, "__name__", str(expected))
+        cls, keys = SECTIONS[name]
+        values[name].update(section_values("flags", name, {k: v for k, v in flags.items() if v is not None},
+                                           cls, allowed=keys))
+    timing_cfg = build_section(source, "timing", values["timing"], DecisionTiming) if values["timing"] else None
+    return build_section(source, "train", values["train"], TrainConfig, allowed=TRAIN_KEYS,
+                         ppo=build_section(source, "ppo", values["ppo"], PPOConfig),
+                         env=build_section(source, "env", values["env"], EnvConfig, allowed=TRAIN_ENV_KEYS,
+                                           timing=timing_cfg))
