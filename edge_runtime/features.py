@@ -24,6 +24,12 @@ MAX_WAIT_AT = 2 * MAX_PHASES
 CURRENT_PHASE_AT = 3 * MAX_PHASES
 TIME_IN_PHASE_AT = 4 * MAX_PHASES
 MIN_GREEN_MET_AT = 4 * MAX_PHASES + 1
+PER_PHASE_AT = (QUEUE_AT, APPROACHING_AT, MAX_WAIT_AT)  # in PER_PHASE_FEATURES order
+
+
+def per_phase_values(vectors: np.ndarray, n_phases: int) -> np.ndarray:
+    """The (queue, approaching, max_wait) of the first ``n_phases`` phases: [..., F] → [..., n_phases, 3]."""
+    return np.stack([vectors[..., at:at + n_phases] for at in PER_PHASE_AT], axis=-1)
 
 
 def feature_names(max_phases: int = MAX_PHASES) -> list[str]:
@@ -57,7 +63,7 @@ def build_observation(per_phase: np.ndarray, current_phase: int, time_in_phase: 
     obs = np.zeros(feature_size(max_phases), dtype=np.float32) if out is None else out
     obs.fill(0.0)
     for k in range(len(PER_PHASE_FEATURES)):
-        obs[k * max_phases:k * max_phases + n_phases] = per_phase[:, k]
+        obs[k * max_phases:k * max_phases + n_phases] = per_phase[:, k]  # max_phases may differ from MAX_PHASES
     base = len(PER_PHASE_FEATURES) * max_phases
     obs[base + current_phase] = 1.0
     obs[base + max_phases] = time_in_phase

@@ -24,7 +24,7 @@ class Stage(enum.IntEnum):
 
 @dataclass(frozen=True)
 class SignalTiming:
-    """Safety timings in seconds; defaults follow the RESCO preset (yellow 3 s, all-red 2 s)."""
+    """Safety timings in seconds; defaults are RELED's default timing (yellow 3 s, all-red 2 s)."""
 
     yellow: float = 3.0
     all_red: float = 2.0

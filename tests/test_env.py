@@ -49,10 +49,10 @@ def test_observation_matches_the_edge_schema():
             obs, *_ = env.step({a: int(rng.integers(0, 4)) for a in env.agents})
         assert any(ob["observation"][:MAX_PHASES].sum() > 0 for ob in obs.values()), "no queue after 300 s"
         for k, inter in enumerate(env.intersections):
-            idx = env._agent_lanes[k]
+            idx, lanes = env.readings.agent_in_lanes[k], env.readings.lanes
             served = inter.phase_lanes
-            per_phase = np.stack([served @ env.lanes.queue[idx], served @ env.lanes.approaching[idx],
-                                  (served * env.lanes.max_wait[idx]).max(axis=1)], axis=1)
+            per_phase = np.stack([served @ lanes.queue[idx], served @ lanes.approaching[idx],
+                                  (served * lanes.max_wait[idx]).max(axis=1)], axis=1)
             shield = env.shields[k]
             expected = build_observation(per_phase.astype(np.float32), shield.state.green_phase,
                                          shield.green_elapsed(env.time), shield.min_green_met(env.time))
@@ -161,7 +161,7 @@ def test_detectors_reach_past_short_stub_lanes_but_stop_at_other_signals():
     env = TrafficSignalEnv(scenario="ingolstadt7", episode_seconds=10)
     try:
         env.reset(seed=0)
-        reader = env.lanes
+        reader = env.readings.lanes
         stub = reader.lanes.index("10425609#1_1")
         covered = [reader.segment_lanes[i] for i in np.flatnonzero(reader.owner == stub)]
         assert any(lane.startswith("10425609#0_") for lane in covered), covered

@@ -15,7 +15,8 @@ from trainer.marl.config import PPOConfig, load_train_config
 from trainer.marl.networks import Actor, RunningNorm, critic_inputs
 from trainer.marl.policy import choose_actions
 from trainer.marl.ppo import PPOLearner
-from trainer.marl.storage import Episode, RolloutBatch, gae
+from trainer.marl.storage import RolloutBatch, gae
+from trainer.rollout import Episode
 
 
 def test_gae_matches_a_hand_computed_case():

@@ -7,8 +7,8 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from trainer.env import TrafficSignalEnv
-from trainer.metrics import read_episode_metrics
 from trainer.scenarios import get_scenario
+from trainer.sim.metrics import read_episode_metrics
 
 
 def scheduled_departures(scenario, end: float) -> dict[str, float]:

@@ -18,7 +18,7 @@ from edge_runtime.errors import RELEDError
 from trainer.scenarios.demand import CONGESTED_SCALE
 from trainer.scenarios.model import SCENARIO_FILE, Scenario, load_scenario_folder, scenario_to_toml
 from trainer.scenarios.osm_import import ATTRIBUTION, LICENCE, import_osm
-from trainer.sumo_tools import sumo_binary
+from trainer.sim.sumo_tools import sumo_binary
 
 SHARED = Path(os.environ.get("RELED_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 ORLANDO = SHARED / "data" / "osm" / "orlando" / "orlando_ucf.osm"

@@ -1,7 +1,7 @@
 """Our fixed-time / greedy / max-pressure on RESCO nets beside the published RESCO figures.
 
 Run by hand (a few minutes on 2 cores):  .venv/bin/python tools/resco_baselines.py --seeds 3
-Writes a Markdown table and a grouped bar chart (default: docs/results_resco_baselines.md, docs/figures/).
+Writes a Markdown table and a grouped bar chart (default: docs/results/results_resco_baselines.md, docs/results/figures/).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nets", default="cologne3,cologne8,ingolstadt7", help="comma-separated RESCO nets")
     parser.add_argument("--seeds", type=int, default=3, help="SUMO seeds per controller (default 3)")
-    parser.add_argument("--out", type=Path, default=Path("docs/results_resco_baselines.md"))
-    parser.add_argument("--figure", type=Path, default=Path("docs/figures/resco_baselines.png"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results/results_resco_baselines.md"))
+    parser.add_argument("--figure", type=Path, default=Path("docs/results/figures/resco_baselines.png"))
     args = parser.parse_args()
     rows, results_json = [], {}
     for net in args.nets.split(","):
@@ -76,7 +76,7 @@ def _plot(rows: list[tuple], path: Path) -> None:
                label=f"{c} (published)")
     ax.set_xticks(range(len(nets)), nets)
     ax.set_ylabel("average delay per vehicle (s)")
-    ax.set_title("RESCO preset: our heuristics (SUMO 1.28) vs published (SUMO 1.9)")
+    ax.set_title("RELED's default timing (2 s all-red): our heuristics (SUMO 1.28) vs published RESCO (SUMO 1.9)")
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     with atomic_path(path) as tmp:

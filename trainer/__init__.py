@@ -1,3 +1,5 @@
-"""RELED trainer: scenarios, the multi-agent SUMO environment, controllers and evaluation."""
+"""RELED trainer: scenarios, the multi-agent SUMO environment, controllers, MARL, SED and export."""
 
-__version__ = "0.1.0"
+from edge_runtime import __version__
+
+__all__ = ["__version__"]

@@ -20,23 +20,20 @@ from pettingzoo import ParallelEnv
 
 from edge_runtime.errors import RELEDError
 from edge_runtime.features import (
-    APPROACHING_AT,
     CURRENT_PHASE_AT,
     DETECTOR_RANGE_M,
     MAX_PHASES,
-    MAX_WAIT_AT,
     MIN_GREEN_MET_AT,
-    QUEUE_AT,
     TIME_IN_PHASE_AT,
     action_mask,
     feature_size,
 )
 from edge_runtime.shield import SafetyShield, Stage
-from trainer.intersections import Intersection, discover_intersection
-from trainer.lanes import LaneReader
-from trainer.metrics import EpisodeMetrics, read_episode_metrics
 from trainer.scenarios import DecisionTiming, Scenario, get_scenario
-from trainer.simulation import Backend, EpisodeOutputs, Simulation, sumo_command
+from trainer.sim.intersections import Intersection, discover_intersection
+from trainer.sim.metrics import EpisodeMetrics, read_episode_metrics
+from trainer.sim.phase_readings import PhaseReadings
+from trainer.sim.simulation import Backend, EpisodeOutputs, Simulation, sumo_command
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +43,19 @@ REWARDS: tuple[str, ...] = ("queue", "wait", "pressure")
 
 @dataclass(frozen=True)
 class EnvConfig:
-    """Everything that defines an episode; defaults follow the RESCO preset."""
+    """Everything that defines an episode (timing: the scenario's, RELED's default timing unless it sets one)."""
 
     scenario: str = "grid2x2"
     demand: str = "moderate"
     reward: RewardName = "queue"
     backend: Backend = "libsumo"
-    timing: DecisionTiming | None = None  # None: the scenario's own (RESCO preset by default)
+    timing: DecisionTiming | None = None  # None: the scenario's own (RELED's default timing unless it sets one)
     episode_seconds: float | None = None  # None: the scenario's begin..end
     detector_range: float = DETECTOR_RANGE_M
     time_to_teleport: float = 300.0
     fixed_time: bool = False  # the net's own programs run; actions are ignored
     with_pressure: bool = False  # put per-phase pressure in infos (max-pressure needs it)
+    with_inflow: bool = False  # put per-lane arrivals in infos (the LLM expert's inflow meter needs them)
     collect_metrics: bool = True
     gui: bool = False
     sumo_args: tuple[str, ...] = field(default_factory=tuple)
@@ -95,7 +93,7 @@ class TrafficSignalEnv(ParallelEnv):
         self._act_space = spaces.Discrete(MAX_PHASES)
         self._masks = {i.tls_id: action_mask(i.n_phases).astype(np.int8) for i in self.intersections}
         self._episode = 0
-        self.lanes: LaneReader | None = None
+        self.readings: PhaseReadings | None = None
         self.last_metrics: EpisodeMetrics | None = None
         self.invalid_actions = 0
 
@@ -182,11 +180,10 @@ class TrafficSignalEnv(ParallelEnv):
     def _start(self, seed: int) -> None:
         self.api = self.sim.start(self._command(seed, self.config.collect_metrics, self.config.gui))
         self._time = float(self.api.simulation.getTime())
-        if self.lanes is None:
-            self._build_lane_index()
-        self.lanes.api = self.api
+        if self.readings is None:
+            self._build_readings()
+        self.readings.attach(self.api)
         self._last_program_phase = [0] * len(self.intersections)
-        self._out_counts, self._out_counts_time = np.zeros(0, dtype=np.float32), -np.inf
         self.shields = [SafetyShield(i.n_phases, self.timing, 0, self._time) for i in self.intersections]
         self._shown: list[str | None] = [None] * len(self.intersections)
         n = len(self.intersections)
@@ -195,45 +192,12 @@ class TrafficSignalEnv(ParallelEnv):
         self._green_since = np.zeros(n)
         if not self.config.fixed_time:
             self._apply_signals()
-        self.lanes.read()
+        self.readings.read()
 
-    def _build_lane_index(self) -> None:
+    def _build_readings(self) -> None:
         """Detectors and index arrays: built once per net, on the first episode."""
-        lanes = sorted({lane for i in self.intersections for lane in i.in_lanes})
-        self._lane_index = {lane: k for k, lane in enumerate(lanes)}
-        self._agent_lanes = [np.array([self._lane_index[lane] for lane in i.in_lanes]) for i in self.intersections]
-        self.lanes = LaneReader(self.api, lanes, self.config.detector_range)
-        self._out_lanes = sorted({lane for i in self.intersections for lane in i.out_lanes})
-        out_index = {lane: k for k, lane in enumerate(self._out_lanes)}
-        self._agent_out = [np.array([out_index[lane] for lane in i.out_lanes]) for i in self.intersections]
-        self._agent_in = np.zeros((len(self.intersections), len(lanes)), dtype=np.float32)
-        self._agent_outgoing = np.zeros((len(self.intersections), len(self._out_lanes)), dtype=np.float32)
-        for k in range(len(self.intersections)):
-            self._agent_in[k, self._agent_lanes[k]] = 1.0
-            self._agent_outgoing[k, self._agent_out[k]] = 1.0
-        # per agent: global in/out lane index of each movement, and phase x movement incidence
-        self._movement_index = [
-            (self._agent_lanes[k][[m[0] for m in inter.movements]],
-             self._agent_out[k][[m[1] for m in inter.movements]],
-             inter.phase_movements.astype(np.float32))
-            for k, inter in enumerate(self.intersections)]
-        self._build_feature_index()
-
-    def _build_feature_index(self) -> None:
-        """Stack every agent's phase-lane incidence so features need one product per decision."""
-        n_lanes = len(self._lane_index)
-        rows, slots = [], []
-        for k, inter in enumerate(self.intersections):
-            for p in range(inter.n_phases):
-                row = np.zeros(n_lanes, dtype=np.float32)
-                row[self._agent_lanes[k][inter.phase_lanes[p]]] = 1.0
-                rows.append(row)
-                slots.append(k * feature_size() + p)
-        self._served = np.stack(rows)
-        slots_arr = np.array(slots)
-        self._slot_queue = slots_arr + QUEUE_AT
-        self._slot_approach = slots_arr + APPROACHING_AT
-        self._slot_wait = slots_arr + MAX_WAIT_AT
+        self.readings = PhaseReadings(self.api, self.intersections, self.config.detector_range,
+                                      count_arrivals=self.config.with_inflow)
         self._obs_block = np.zeros((len(self.intersections), feature_size()), dtype=np.float32)
         self._agent_range = np.arange(len(self.intersections))
         self._agent_masks = [(i.tls_id, self._masks[i.tls_id]) for i in self.intersections]
@@ -257,7 +221,7 @@ class TrafficSignalEnv(ParallelEnv):
                 self._apply_signals(due)
                 if event >= target:
                     break
-        self.lanes.read()
+        self.readings.read()
 
     def _apply_signals(self, which: list[int] | range | None = None) -> None:
         """Send the states of the given lights (default: all) to SUMO where they changed, and keep
@@ -285,12 +249,9 @@ class TrafficSignalEnv(ParallelEnv):
     # -- observation, reward -------------------------------------------------------------------
     def _observe(self) -> dict[str, dict[str, np.ndarray]]:
         """All agents' vectors at once: one matrix product per feature over every served lane."""
-        lanes, served, block, agents = self.lanes, self._served, self._obs_block, self._agent_range
+        block, agents = self._obs_block, self._agent_range
         block.fill(0.0)
-        flat = block.reshape(-1)
-        flat[self._slot_queue] = served @ lanes.queue
-        flat[self._slot_approach] = served @ lanes.approaching
-        flat[self._slot_wait] = (served * lanes.max_wait).max(axis=1)
+        self.readings.fill(block)
         if self.config.fixed_time:
             phases = np.array([self._program_phase(k) for k in agents])
             block[:, MIN_GREEN_MET_AT] = 1.0
@@ -312,38 +273,25 @@ class TrafficSignalEnv(ParallelEnv):
             self._last_program_phase[k] = inter.green_states.index(state)
         return self._last_program_phase[k]
 
-    def _outgoing_counts(self) -> np.ndarray:
-        """Vehicles on every outgoing lane, read at most once per decision (reward and infos share it)."""
-        if self._out_counts_time != self._time:
-            self._out_counts = self.lanes.vehicle_counts(self._out_lanes)
-            self._out_counts_time = self._time
-        return self._out_counts
-
-    def _pressures(self) -> list[np.ndarray]:
-        """Per phase: Σ over its green movements of (incoming vehicles in range - outgoing vehicles)."""
-        out_counts = self._outgoing_counts()
-        in_counts = self.lanes.queue + self.lanes.approaching
-        return [phase_moves @ (in_counts[move_in] - out_counts[move_out])
-                for move_in, move_out, phase_moves in self._movement_index]
-
     def _rewards(self) -> dict[str, float]:
-        """Per agent, from its incoming lanes (``_agent_in`` sums lanes per agent in one product)."""
-        reward, lanes = self.config.reward, self.lanes
+        """Per agent, from its incoming lanes: minus queued vehicles, waiting seconds or |pressure|."""
+        reward, readings = self.config.reward, self.readings
         if reward == "queue":
-            values = -(self._agent_in @ lanes.queue)
+            values = -readings.queued()
         elif reward == "wait":
-            values = -(self._agent_in @ lanes.waiting_sums())
+            values = -readings.waiting()
         else:
-            incoming = self._agent_in @ (lanes.queue + lanes.approaching)
-            values = -np.abs(incoming - self._agent_outgoing @ self._outgoing_counts())
+            values = -readings.intersection_pressure()
         return dict(zip(self.possible_agents, values.tolist(), strict=True))
 
     def _infos(self) -> dict[str, dict]:
-        pressures = self._pressures() if self.config.with_pressure else None
+        pressures = self.readings.pressures() if self.config.with_pressure else None
         infos = {}
         for k, inter in enumerate(self.intersections):
             info: dict[str, Any] = {"action_mask": self._masks[inter.tls_id], "time": self._time}
             if pressures is not None:
                 info["phase_pressure"] = pressures[k]
+            if self.config.with_inflow:
+                info["lane_arrivals"] = self.readings.arrivals(k)
             infos[inter.tls_id] = info
         return infos

@@ -107,7 +107,8 @@ def collect_holdout(actor: Actor, scenario: str, demand: str, decisions: int, ti
                     ) -> tuple[np.ndarray, np.ndarray, dict[str, list[str]], list[str], list[int]]:
     """Observations of a fresh episode the actor drives greedily, and every light's green phases."""
     from trainer.env import EnvConfig, TrafficSignalEnv
-    from trainer.marl.policy import choose_actions, stack_observations
+    from trainer.marl.policy import PolicyController
+    from trainer.rollout import play_episode
     from trainer.scenarios.model import DecisionTiming
 
     config = EnvConfig(scenario=scenario, demand=demand, collect_metrics=False,
@@ -116,18 +117,9 @@ def collect_holdout(actor: Actor, scenario: str, demand: str, decisions: int, ti
     try:
         agents = list(env.possible_agents)
         tables = {i.tls_id: list(i.green_states) for i in env.intersections}
-        observations, _ = env.reset(seed=HOLDOUT_SEED)
-        all_obs, all_masks = [], []
-        for _ in range(decisions):
-            obs, masks = stack_observations(observations, agents)
-            all_obs.append(obs)
-            all_masks.append(masks)
-            actions = choose_actions(actor, obs, masks, deterministic=True)
-            observations, *_ = env.step(dict(zip(agents, actions.tolist(), strict=True)))
-            if not env.agents:
-                break
-        return (np.concatenate(all_obs), np.concatenate(all_masks), tables, agents,
-                [i.n_phases for i in env.intersections])
+        episode = play_episode(env, PolicyController(actor), HOLDOUT_SEED, max_decisions=decisions)
+        return (episode.obs.reshape(-1, episode.obs.shape[-1]), episode.masks.reshape(-1, episode.masks.shape[-1]),
+                tables, agents, [i.n_phases for i in env.intersections])
     finally:
         env.close()
 

@@ -37,7 +37,7 @@ of green phases the environment gives that agent (our action mask, sumo-rl's act
 Both envs get min green = the decision interval, yellow 3 s, max green 60 s. Ours runs with
 all-red 0 s by default (``--all-red``), because sumo-rl has no all-red: the two then show
 nearly the same signal sequence, hence nearly the same traffic (the table says when it is
-exactly the same); our RESCO preset's 2 s all-red makes SUMO itself do more work.
+exactly the same); RELED's default timing's 2 s all-red makes SUMO itself do more work.
 
 Targets: the brief's two (ours vs plain SUMO <= 15 %, sumo-rl / ours >= 1.0), plus two
 "same traffic" checks that hold SUMO's work equal (ours vs replay, ours-fixed vs plain), since
@@ -213,7 +213,7 @@ def _episode(scenario_name: str, episode_seconds: float | None) -> tuple[Any, fl
 
 def plain_command(spec: WorkSpec) -> list[str]:
     """Exactly the command our environment starts with collect_metrics=False (no tripinfo)."""
-    from trainer.simulation import sumo_command
+    from trainer.sim.simulation import sumo_command
 
     scenario, _, end = _episode(spec.net, spec.episode_seconds)
     return sumo_command(scenario, DEMAND, spec.seed, None, end=end, time_to_teleport=TIME_TO_TELEPORT_S)
@@ -621,7 +621,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="keep sumo-rl's per-step system/agent info (its default; off = leanest sumo-rl)")
     p.add_argument("--all-red", type=float, default=0.0, metavar="S",
                    help="our all-red clearance in s; 0 (default) gives the signal sequence sumo-rl shows "
-                        "(it has no all-red), hence nearly the same traffic; 2 is our RESCO preset")
+                        "(it has no all-red), hence nearly the same traffic; 2 is RELED's default timing")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also run ours once per net/interval under cProfile and print the top N functions")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write every figure to this JSON file")

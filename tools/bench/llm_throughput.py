@@ -28,22 +28,19 @@ from rich.table import Table
 
 from edge_runtime.fileio import atomic_write_text
 from trainer.env import EnvConfig, TrafficSignalEnv
+from trainer.rollout import play_episode
 from trainer.sed.experts import make_expert
 from trainer.sed.llm import LlamaCppBackend, resolve_model
-from trainer.sed.refine import play_expert_episode
 
 
 def step_mode(scenario: str, model: str, threads: int, decisions: int, prefix_reuse: bool) -> dict:
     backend = LlamaCppBackend(resolve_model(model), threads, 4096, 0, prefix_reuse, timeout=120)
-    env = TrafficSignalEnv(EnvConfig(scenario=scenario))
+    env = TrafficSignalEnv(EnvConfig(scenario=scenario, with_inflow=True))
     try:
         expert = make_expert(backend, "step")
         expert.attach(env)
-        observations, infos = env.reset(seed=0)
-        expert.reset(0)
         before = backend.perf_counters()
-        for _ in range(decisions):
-            observations, _r, _t, _tr, infos = env.step(expert.act(observations, infos))
+        play_episode(env, expert, 0, source="expert", max_decisions=decisions)
         after = backend.perf_counters()
     finally:
         backend.close()
@@ -61,12 +58,12 @@ def step_mode(scenario: str, model: str, threads: int, decisions: int, prefix_re
 
 def plan_episode(scenario: str, model: str, threads: int) -> dict:
     backend = LlamaCppBackend(resolve_model(model), threads, 4096, 0, True, timeout=120)
-    env = TrafficSignalEnv(EnvConfig(scenario=scenario))
+    env = TrafficSignalEnv(EnvConfig(scenario=scenario, with_inflow=True))
     try:
         expert = make_expert(backend, "plan")
         expert.attach(env)
         start = time.perf_counter()
-        episode = play_expert_episode(env, expert, seed=0)
+        episode = play_episode(env, expert, 0, source="expert")
         wall = time.perf_counter() - start
     finally:
         backend.close()

@@ -12,9 +12,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edge_runtime.errors import RELEDError
-from edge_runtime.features import MAX_PHASES, QUEUE_AT
-
-Observations = dict[str, dict[str, np.ndarray]]
+from edge_runtime.features import APPROACHING_AT, MAX_PHASES, QUEUE_AT
+from trainer.rollout import Decision, Observations
 
 
 class Controller:
@@ -23,6 +22,7 @@ class Controller:
     name: ClassVar[str] = "base"
     drives_signals: ClassVar[bool] = True  # False: the net's own programs run untouched
     needs_pressure: ClassVar[bool] = False  # True: the env must put phase pressure in infos
+    needs_inflow: ClassVar[bool] = False  # True: the env must put per-lane arrivals in infos
 
     def attach(self, env: Any) -> None:
         """Called once with the environment it will drive (experts read its layout and lanes)."""
@@ -32,6 +32,10 @@ class Controller:
 
     def act(self, observations: Observations, infos: dict[str, dict[str, Any]]) -> dict[str, int]:
         raise NotImplementedError
+
+    def decide(self, decision: Decision) -> dict[str, int]:
+        """What the episode loop calls; controllers that work on stacked arrays override it."""
+        return self.act(decision.observations, decision.infos)
 
 
 def _masked_argmax(scores: np.ndarray, mask: np.ndarray) -> int:
@@ -58,7 +62,7 @@ class Greedy(Controller):
         for agent, ob in observations.items():
             vec = ob["observation"]
             queue = vec[QUEUE_AT:QUEUE_AT + MAX_PHASES]
-            approaching = vec[QUEUE_AT + MAX_PHASES:QUEUE_AT + 2 * MAX_PHASES]
+            approaching = vec[APPROACHING_AT:APPROACHING_AT + MAX_PHASES]
             actions[agent] = _masked_argmax(queue + 1e-3 * approaching, ob["action_mask"])
         return actions
 

@@ -15,20 +15,13 @@ import numpy as np
 import torch
 
 from trainer.controllers import Controller
-from trainer.controllers.base import Observations
 from trainer.env import EnvConfig, TrafficSignalEnv
 from trainer.marl.checkpoint import actor_from_checkpoint, check_scenario, load_checkpoint
 from trainer.marl.networks import Actor
+from trainer.rollout import Decision, Observations, stack_observations
 from trainer.scenarios import Scenario
 
 log = logging.getLogger(__name__)
-
-
-def stack_observations(observations: Observations, agents: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-agent dicts → obs [N, F] float32 and mask [N, P] bool, in ``agents`` order."""
-    obs = np.stack([observations[a]["observation"] for a in agents])
-    masks = np.stack([observations[a]["action_mask"] for a in agents]).astype(bool)
-    return obs, masks
 
 
 @torch.no_grad()
@@ -43,18 +36,26 @@ def choose_actions(actor: Actor, obs: np.ndarray, masks: np.ndarray, determinist
 
 
 class PolicyController(Controller):
-    """A trained actor as a controller: deterministic (most probable valid phase)."""
+    """A trained actor as a controller: the most probable valid phase, or (training) a sample seeded per episode."""
 
     name: ClassVar[str] = "policy"
 
-    def __init__(self, actor: Actor, label: str = "policy"):
+    def __init__(self, actor: Actor, label: str = "policy", deterministic: bool = True):
         self.actor = actor.eval()
         self.name = label  # type: ignore[misc]  # the row label in evaluation tables
+        self.deterministic = deterministic
+        self.generator = torch.Generator()
+
+    def reset(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def decide(self, decision: Decision) -> dict[str, int]:
+        actions = choose_actions(self.actor, decision.obs, decision.masks, self.deterministic, self.generator)
+        return dict(zip(decision.observations, actions.tolist(), strict=True))
 
     def act(self, observations: Observations, infos: dict[str, dict[str, Any]]) -> dict[str, int]:
-        agents = list(observations)
-        obs, masks = stack_observations(observations, agents)
-        return dict(zip(agents, choose_actions(self.actor, obs, masks, True).tolist(), strict=True))
+        obs, masks = stack_observations(observations, list(observations))
+        return self.decide(Decision(observations, infos, obs, masks))
 
 
 def load_policy_controller(path: Path, scenario: Scenario, config: EnvConfig) -> PolicyController:

@@ -13,7 +13,8 @@ import torch
 
 from trainer.marl.config import TrainConfig
 from trainer.marl.networks import Actor, Critic, RunningNorm, critic_input_size, critic_inputs
-from trainer.marl.storage import Episode, RolloutBatch, discounted_running_returns, gae
+from trainer.marl.storage import RolloutBatch, discounted_running_returns, gae
+from trainer.rollout import Episode
 
 
 class PPOLearner:
@@ -56,7 +57,7 @@ class PPOLearner:
                 obs=obs.flatten(0, 1), masks=masks.flatten(0, 1), actions=actions.flatten(),
                 old_log_probs=log_probs, advantages=advantages.flatten(), returns=returns.flatten(),
                 critic_in=raw_critic_in[:-1].flatten(0, 1),
-                from_expert=torch.zeros(actions.numel(), dtype=torch.bool)))
+                from_expert=torch.from_numpy(ep.from_expert).flatten()))
         return RolloutBatch.concat(parts)
 
     def _update_return_norm(self, episodes: list[Episode]) -> None:

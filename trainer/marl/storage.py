@@ -7,34 +7,10 @@ hybrid optimization) uses the expert rows, so both kinds of sample share one sto
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-
-
-@dataclass
-class Episode:
-    """One SUMO episode played by every agent, agents in the env's fixed order."""
-
-    seed: int
-    obs: np.ndarray  # [T, N, F] float32, raw features
-    masks: np.ndarray  # [T, N, P] bool
-    actions: np.ndarray  # [T, N] int64
-    rewards: np.ndarray  # [T, N] float32
-    last_obs: np.ndarray  # [N, F] observation after the last decision (bootstrap of the truncated tail)
-    metrics: dict[str, float] = field(default_factory=dict)  # trip metrics from SUMO (avg_delay, ...)
-    sim_seconds: float = 0.0  # wall time inside SUMO and the environment
-    policy_seconds: float = 0.0  # wall time choosing actions
-
-    @property
-    def agent_steps(self) -> int:
-        return int(self.actions.size)
-
-    @property
-    def mean_agent_return(self) -> float:
-        """Undiscounted reward summed over the episode, averaged over agents."""
-        return float(self.rewards.sum(0).mean())
 
 
 @dataclass

@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from edge_runtime.errors import RELEDError
 from trainer.env import EnvConfig, TrafficSignalEnv
 from trainer.marl.networks import Actor
-from trainer.marl.policy import choose_actions, stack_observations
-from trainer.marl.storage import Episode
+from trainer.marl.policy import PolicyController
+from trainer.rollout import Episode, play_episode
 
 log = logging.getLogger(__name__)
 MAX_RESTARTS_PER_JOB = 3
@@ -55,35 +54,6 @@ class RolloutWorkers(Protocol):
     def close(self) -> None: ...
 
 
-def play_episode(env: TrafficSignalEnv, actor: Actor, job: EpisodeJob) -> Episode:
-    """One full episode with the actor choosing every agent's phase."""
-    generator = torch.Generator().manual_seed(job.seed)
-    agents = env.possible_agents
-    sim_seconds = policy_seconds = 0.0
-    start = time.perf_counter()
-    observations, _ = env.reset(seed=job.seed)
-    sim_seconds += time.perf_counter() - start
-    obs_list, mask_list, action_list, reward_list = [], [], [], []
-    while env.agents:
-        start = time.perf_counter()
-        obs, masks = stack_observations(observations, agents)
-        actions = choose_actions(actor, obs, masks, job.deterministic, generator)
-        middle = time.perf_counter()
-        observations, rewards, _term, _trunc, _infos = env.step(dict(zip(agents, actions.tolist(), strict=True)))
-        sim_seconds += time.perf_counter() - middle
-        policy_seconds += middle - start
-        obs_list.append(obs)
-        mask_list.append(masks)
-        action_list.append(actions)
-        reward_list.append([rewards[a] for a in agents])
-    assert env.last_metrics is not None
-    return Episode(seed=job.seed, obs=np.stack(obs_list),
-                   masks=np.stack(mask_list), actions=np.stack(action_list).astype(np.int64),
-                   rewards=np.asarray(reward_list, dtype=np.float32),
-                   last_obs=stack_observations(observations, agents)[0],
-                   metrics=env.last_metrics.as_dict(), sim_seconds=sim_seconds, policy_seconds=policy_seconds)
-
-
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)  # unwinds through ``finally`` so the env closes SUMO (TraCI's is a child process)
 
@@ -107,8 +77,9 @@ def _worker_main(conn: Connection, env_config: EnvConfig, spec: ActorSpec) -> No
             if message[0] == "weights":
                 actor.load_state_dict(message[1])
             elif message[0] == "episode":
+                job: EpisodeJob = message[1]
                 try:
-                    episode = play_episode(env, actor, message[1])
+                    episode = play_episode(env, PolicyController(actor, deterministic=job.deterministic), job.seed)
                 except RELEDError as exc:  # SUMO died mid-episode (TraCI's SUMO is a separate process)
                     conn.send(("crashed", str(exc)))
                     return

@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from edge_runtime.errors import RELEDError
-from trainer.sumo_tools import run_sumo_command, sumo_tool
+from trainer.sim.sumo_tools import run_sumo_command, sumo_tool
 
 # Regime scale factors applied with SUMO's --scale on top of a scenario's base route file.
 MODERATE_SCALE = 1.0

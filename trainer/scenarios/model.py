@@ -18,7 +18,11 @@ SCENARIO_FILE = "scenario.toml"
 
 @dataclass(frozen=True)
 class DecisionTiming(SignalTiming):
-    """The shield's safety timings plus how often the policy decides (RESCO preset by default)."""
+    """The shield's safety timings plus how often the policy decides; the defaults are RELED's default timing.
+
+    RELED's default timing: 3 s yellow, 2 s all-red, 10 s min green, 60 s max green, a decision every 10 s.
+    RESCO's timing differs (no all-red, 7 s min green): ``configs/resco_timing.toml``.
+    """
 
     delta: float = 10.0
 

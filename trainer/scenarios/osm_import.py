@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
-import hashlib
 import logging
 import math
 import re
@@ -24,11 +23,12 @@ import sumolib
 from sumolib.net.lane import is_vehicle_class
 
 from edge_runtime.errors import RELEDError
+from edge_runtime.fileio import sha256_file
 from trainer.scenarios.demand import CONGESTED_SCALE, MODERATE_SCALE, generate_random_trips
 from trainer.scenarios.demand import vehicles_per_hour as measure_vehicles_per_hour
 from trainer.scenarios.folder import building_folder
 from trainer.scenarios.model import DemandRegime, Scenario, load_scenario_folder, write_scenario_toml
-from trainer.sumo_tools import run_sumo_command, sumo_binary
+from trainer.sim.sumo_tools import run_sumo_command, sumo_binary
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ def _provenance(osm: Path, summary: OsmSummary, options: list[str], lights: list
                 seed: int) -> dict[str, Any]:
     """Everything needed to redo the import and to honour the ODbL."""
     provenance: dict[str, Any] = {
-        "source": osm.name, "source_sha256": _sha256(osm), "licence": LICENCE, "attribution": ATTRIBUTION,
+        "source": osm.name, "source_sha256": sha256_file(osm), "licence": LICENCE, "attribution": ATTRIBUTION,
         "importer": "reled scenario import (trainer.scenarios.osm_import)",
         "netconvert_options": options, "seed": seed, "sumo_version": _sumo_version(),
         "imported_on": dt.datetime.now(dt.UTC).date().isoformat(),
@@ -322,11 +322,6 @@ def _provenance(osm: Path, summary: OsmSummary, options: list[str], lights: list
     if summary.bounds is not None:
         provenance["extract_bounds"] = list(summary.bounds)
     return provenance
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _sumo_version() -> str:

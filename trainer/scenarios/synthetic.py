@@ -15,7 +15,7 @@ from trainer.scenarios.model import (
     load_scenario_folder,
     write_scenario_toml,
 )
-from trainer.sumo_tools import run_sumo_command, sumo_binary
+from trainer.sim.sumo_tools import run_sumo_command, sumo_binary
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""SED: stationarity-aware expert demonstrations from a local LLM (DESIGN §5)."""
+"""SED: stationarity-aware expert demonstrations from a local LLM; the formulation is in docs/sed.md."""

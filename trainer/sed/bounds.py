@@ -1,4 +1,4 @@
-"""The non-stationarity bound of DESIGN §5, as plain functions of measured arrays.
+"""The non-stationarity bound (docs/sed.md), as plain functions of measured arrays.
 
     |J_j(π) − J_j(π')| ≤ ε_j / (1 − γ) + 2 γ R_max / (1 − γ)² · D_j
 

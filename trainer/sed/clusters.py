@@ -1,4 +1,4 @@
-"""Agent subsets: clusters of neighbouring controlled lights on the road graph (DESIGN §5).
+"""Agent subsets: clusters of neighbouring controlled lights on the road graph (docs/sed.md, "Agent subsets").
 
 Two lights are neighbours when a vehicle leaving one reaches the stop line of the other without
 passing a third controlled light; their distance is the shortest such path along lane centre
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_runtime.errors import RELEDError
-from trainer.intersections import Intersection
+from trainer.sim.intersections import Intersection
+from trainer.sim.net import read_net
 
 DEFAULT_SUBSET_SIZE = 4
 NEIGHBOUR_SEARCH_M = 800.0  # further apart along the road, platoons disperse: not neighbours
@@ -52,12 +53,7 @@ class Subset:
 def road_graph(net_file: Path, intersections: Sequence[Intersection],
                search_m: float = NEIGHBOUR_SEARCH_M) -> RoadGraph:
     """Walk downstream from every light's outgoing lanes until another controlled light's stop line."""
-    import sumolib
-
-    try:
-        net = sumolib.net.readNet(str(net_file), withInternal=False)
-    except Exception as exc:  # sumolib raises bare exceptions on malformed XML
-        raise RELEDError(f"cannot read net {net_file} for the road graph: {exc}") from exc
+    net = read_net(net_file)
     owner_of_in_lane = {lane: inter.tls_id for inter in intersections for lane in inter.in_lanes}
     distance: dict[tuple[str, str], float] = {}
     feeds: dict[tuple[str, str], set[str]] = {}

@@ -1,4 +1,4 @@
-"""The LLM as a signal controller for every subset, in `plan` or `step` mode (DESIGN §5).
+"""The LLM as a signal controller for every subset, in `plan` or `step` mode (docs/sed.md).
 
 An expert is a ``Controller``: `reled eval --controller llm` runs it like any heuristic, and the
 refinement loop records what it proposes as demonstrations. Every failed call (invalid answer,
@@ -13,9 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_runtime.features import CURRENT_PHASE_AT, MAX_PHASES, MAX_WAIT_AT, QUEUE_AT, TIME_IN_PHASE_AT
+from edge_runtime.features import (
+    CURRENT_PHASE_AT,
+    MAX_PHASES,
+    MAX_WAIT_AT,
+    TIME_IN_PHASE_AT,
+    feature_size,
+    per_phase_values,
+)
 from trainer.controllers import Controller
-from trainer.marl.policy import stack_observations
+from trainer.rollout import stack_observations
 from trainer.sed.answers import AnswerError, AnswerFormat, TimingPlan
 from trainer.sed.bounds import VEHICLE_SPACE_M
 from trainer.sed.clusters import DEFAULT_SUBSET_SIZE, Subset, boundary_lanes, partition, road_graph
@@ -25,6 +32,7 @@ from trainer.sed.prompts import PhaseStats, messages, plan_prompt, step_prompt
 
 if TYPE_CHECKING:
     from trainer.env import TrafficSignalEnv
+    from trainer.sim.intersections import Intersection
 
 log = logging.getLogger(__name__)
 
@@ -93,27 +101,26 @@ def subset_contexts(env: TrafficSignalEnv, mode: str, max_size: int = DEFAULT_SU
 
 
 class InflowMeter:
-    """Vehicles entering each subset across its boundary lanes, per decision step and per source."""
+    """Vehicles entering each subset across its boundary lanes, per decision step and per source.
 
-    def __init__(self, contexts: list[SubsetContext]) -> None:
+    It reads the per-lane arrivals the environment puts in ``infos`` (``with_inflow``), so it runs the
+    same on recorded or device data as on a live simulation.
+    """
+
+    def __init__(self, contexts: list[SubsetContext], intersections: list[Intersection]) -> None:
         self.contexts = contexts
-        self.lanes = sorted({lane for c in contexts for lane in c.boundary})
+        where = {lane: (inter.tls_id, m) for inter in intersections for m, lane in enumerate(inter.in_lanes)}
+        self._where = [[where[lane] for lane in ctx.boundary] for ctx in contexts]
         self.reset()
 
     def reset(self) -> None:
-        self._seen: dict[str, set[str]] = {}
         self.per_source: list[dict[str, list[float]]] = [{} for _ in self.contexts]
 
-    def update(self, api: Any) -> None:
-        new = {}
-        for lane in self.lanes:
-            ids = set(api.lane.getLastStepVehicleIDs(lane))
-            new[lane] = len(ids - self._seen.get(lane, set()))
-            self._seen[lane] = ids
+    def update(self, infos: dict[str, dict[str, Any]]) -> None:
         for j, ctx in enumerate(self.contexts):
             counts: dict[str, float] = {}
-            for lane, source in zip(ctx.boundary, ctx.sources, strict=True):
-                counts[source] = counts.get(source, 0.0) + new[lane]
+            for (tls, m), source in zip(self._where[j], ctx.sources, strict=True):
+                counts[source] = counts.get(source, 0.0) + float(infos[tls]["lane_arrivals"][m])
             for source, n in counts.items():
                 self.per_source[j].setdefault(source, []).append(n)
 
@@ -137,9 +144,7 @@ def phase_stats(ctx: SubsetContext, block: np.ndarray, n_phases: list[int]) -> l
     """Per light of the subset: (queue, approaching, longest wait) per phase, from rows in the schema layout."""
     out = []
     for label, k in zip(ctx.answer.labels, ctx.agents, strict=True):
-        n = n_phases[k]
-        values = np.stack([block[k, QUEUE_AT + f * MAX_PHASES:QUEUE_AT + f * MAX_PHASES + n] for f in range(3)], 1)
-        out.append(PhaseStats(label, values))
+        out.append(PhaseStats(label, per_phase_values(block[k], n_phases[k])))
     return out
 
 
@@ -156,6 +161,7 @@ class LLMExpert(Controller):
     max_tokens: int = 512
     feedback: dict[int, str] = field(default_factory=dict)
     name = "llm"
+    needs_inflow = True
 
     def __post_init__(self) -> None:
         self.stats = LLMStats()
@@ -167,7 +173,7 @@ class LLMExpert(Controller):
         self.env = env
         if not self.contexts:
             self.contexts = subset_contexts(env, self.mode, self.subset_size)
-            self.meter = InflowMeter(self.contexts)
+            self.meter = InflowMeter(self.contexts, env.intersections)
             self._n_phases = [inter.n_phases for inter in env.intersections]
             self._agents = [inter.tls_id for inter in env.intersections]
 
@@ -227,15 +233,15 @@ class PlanExpert(LLMExpert):
         self.plans: list[TimingPlan] = [TimingPlan(tuple(range(n)), (green,) * n, 0) for n in self._n_phases]
         self.plan_start = -np.inf
         self.history: list[dict[str, Any]] = []  # the plans in force, for the manifest
-        self._counts = np.zeros((len(self._agents), MAX_WAIT_AT))  # queue and approaching, summed
+        self._sums = np.zeros((len(self._agents), feature_size()))  # observations summed since the last plan
         self._waits = np.zeros((len(self._agents), MAX_PHASES))  # longest wait seen
         self._steps = 0
 
     def act(self, observations: dict[str, dict[str, np.ndarray]], infos: dict[str, dict]) -> dict[str, int]:
-        now = self.env.time
-        self.meter.update(self.env.api)
+        now = infos[self._agents[0]]["time"]
+        self.meter.update(infos)
         block = self._block(observations)
-        self._counts += block[:, :MAX_WAIT_AT]
+        self._sums += block
         self._waits = np.maximum(self._waits, block[:, MAX_WAIT_AT:MAX_WAIT_AT + MAX_PHASES])
         self._steps += 1
         if now - self.plan_start >= self.horizon_s - 1e-6:
@@ -247,7 +253,8 @@ class PlanExpert(LLMExpert):
         """New plans for every subset from the traffic seen since the last plan."""
         demand_block = None
         if np.isfinite(self.plan_start):  # the first plan has no measurements behind it
-            demand_block = np.concatenate([self._counts / max(self._steps, 1), self._waits], axis=1)
+            demand_block = self._sums / max(self._steps, 1)
+            demand_block[:, MAX_WAIT_AT:MAX_WAIT_AT + MAX_PHASES] = self._waits
         steps_per_horizon = max(1, round(self.horizon_s / self.env.timing.delta))
         for j, ctx in enumerate(self.contexts):
             demand = None if demand_block is None else phase_stats(ctx, demand_block, self._n_phases)
@@ -260,7 +267,7 @@ class PlanExpert(LLMExpert):
                 self.plans[k] = answer[label]
         self.history.append({"time": now, "plans": {self._agents[k]: p.as_dict() for k, p in enumerate(self.plans)}})
         self.plan_start = now
-        self._counts[:] = 0.0
+        self._sums[:] = 0.0
         self._waits[:] = 0.0
         self._steps = 0
 
@@ -273,7 +280,7 @@ class StepExpert(LLMExpert):
         self.switches = np.zeros(len(self._agents), dtype=int)
 
     def act(self, observations: dict[str, dict[str, np.ndarray]], infos: dict[str, dict]) -> dict[str, int]:
-        self.meter.update(self.env.api)
+        self.meter.update(infos)
         block = self._block(observations)
         current = block[:, CURRENT_PHASE_AT:CURRENT_PHASE_AT + MAX_PHASES].argmax(axis=1)
         actions = {agent: int(current[k]) for k, agent in enumerate(self._agents)}

@@ -61,7 +61,7 @@ def generate(request: GenerateRequest, out: Path, overwrite: bool, hook: RefineH
              on_round: Callable[[int, list[Demonstration]], None] | None = None) -> dict[str, Any]:
     """Run SED and write the store; returns the manifest. Nothing is written unless everything succeeded."""
     check_free(out, overwrite)
-    env = TrafficSignalEnv(request.env)
+    env = TrafficSignalEnv(request.env, with_inflow=True)
     backend = open_backend(request.llm)
     try:
         actor, actor_label = agent_actor(request.policy, env, request.refine.seed)

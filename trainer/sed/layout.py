@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.intersections import Intersection
 from trainer.sed.clusters import RoadGraph, Subset
+from trainer.sim.intersections import Intersection
+from trainer.sim.net import read_net
 
 TURNS = {"s": "straight", "l": "left", "r": "right", "L": "left", "R": "right"}  # u-turns are left out
 COMPASS = ("N", "NE", "E", "SE", "S", "SW", "W", "NW")
@@ -44,9 +45,7 @@ def compass_from(dx: float, dy: float) -> str:
 
 def light_layouts(net_file: Path, intersections: Sequence[Intersection]) -> dict[str, tuple[str, ...]]:
     """Per light, per green phase: 'from N: left, straight; from S: ...'."""
-    import sumolib
-
-    net = sumolib.net.readNet(str(net_file), withInternal=False)
+    net = read_net(net_file)
     out: dict[str, tuple[str, ...]] = {}
     for inter in intersections:
         moves = []

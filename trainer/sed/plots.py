@@ -8,13 +8,12 @@ from typing import Any
 
 from trainer.plots import plt, save_figure
 from trainer.sed.clusters import RoadGraph, Subset
+from trainer.sim.net import read_net
 
 
 def subsets_map(net_file: Path, graph: RoadGraph, subsets: Sequence[Subset], title: str, path: Path) -> Path:
     """Roads in grey, each controlled light as a dot in its subset's colour, neighbour links dashed."""
-    import sumolib
-
-    net = sumolib.net.readNet(str(net_file), withInternal=False)
+    net = read_net(net_file)
     fig, ax = plt.subplots(figsize=(8, 8))
     for edge in net.getEdges():
         xs, ys = zip(*edge.getShape(), strict=True)

@@ -19,8 +19,7 @@ import torch
 from edge_runtime.features import MAX_PHASES, MAX_WAIT_AT, QUEUE_AT
 from trainer.env import TrafficSignalEnv
 from trainer.marl.networks import Actor
-from trainer.marl.policy import stack_observations
-from trainer.marl.storage import Episode
+from trainer.rollout import Episode, play_episode
 from trainer.sed.bounds import (
     external_volatility,
     nonstationarity_bound,
@@ -80,30 +79,6 @@ class Demonstration:
         return {"round": self.round, "candidate": self.candidate, "avg_delay": self.episode.metrics["avg_delay"],
                 "mean_bound": float(np.mean([s.bound for s in self.scores])), "llm": self.llm, "subsets": scores,
                 "plans": self.plans}
-
-
-def play_expert_episode(env: TrafficSignalEnv, expert: LLMExpert, seed: int,
-                        on_step: Callable[[float], None] | None = None) -> Episode:
-    """One episode with the expert driving every light; what it proposed is the expert action."""
-    agents = env.possible_agents
-    observations, infos = env.reset(seed=seed)
-    expert.reset(seed)
-    obs_rows, mask_rows, action_rows, reward_rows = [], [], [], []
-    span = env.end_time - env.scenario.begin
-    while env.agents:
-        obs, masks = stack_observations(observations, agents)
-        actions = expert.act(observations, infos)
-        observations, rewards, _term, _trunc, infos = env.step(actions)
-        obs_rows.append(obs)
-        mask_rows.append(masks)
-        action_rows.append([actions[a] for a in agents])
-        reward_rows.append([rewards[a] for a in agents])
-        if on_step:
-            on_step((env.time - env.scenario.begin) / span)
-    assert env.last_metrics is not None
-    return Episode(seed=seed, obs=np.stack(obs_rows), masks=np.stack(mask_rows),
-                   actions=np.asarray(action_rows, dtype=np.int64), rewards=np.asarray(reward_rows, np.float32),
-                   last_obs=stack_observations(observations, agents)[0], metrics=env.last_metrics.as_dict())
 
 
 @torch.no_grad()
@@ -192,7 +167,7 @@ def refine(env: TrafficSignalEnv, expert: LLMExpert, actor: Actor, config: Refin
             expert.temperature = 0.0 if c == 0 else config.temperature
             expert.seed = config.seed * 1000 + r * config.candidates + c
             step_hook = (lambda frac, r=r, c=c: hook(r, c, frac)) if hook else None
-            episode = play_expert_episode(env, expert, config.seed, step_hook)
+            episode = play_episode(env, expert, config.seed, source="expert", on_step=step_hook)
             inflow = [expert.meter.totals(j) for j in range(len(contexts))]
             scores = score_subsets(episode, contexts, inflow, actor, env.timing.delta, config)
             demo = Demonstration(r, c, episode, expert.stats.as_dict(), scores,

@@ -8,12 +8,7 @@ and renamed at the end: a crashed or interrupted run leaves no half-written stor
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +17,7 @@ import numpy as np
 
 from edge_runtime.errors import RELEDError
 from edge_runtime.features import MAX_PHASES, SCHEMA_VERSION, feature_size
+from edge_runtime.fileio import atomic_folder
 
 FORMAT = "reled-demos/1"
 MANIFEST = "manifest.json"
@@ -45,26 +41,6 @@ def check_free(folder: Path, overwrite: bool) -> None:
         raise RELEDError(f"{folder} exists: choose another --out or pass --force to replace it")
 
 
-@contextlib.contextmanager
-def staged_folder(folder: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp folder beside ``folder``; it becomes ``folder`` only if the block succeeds."""
-    check_free(folder, overwrite)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_demos(folder: Path, manifest: dict[str, Any], columns: dict[str, np.ndarray],
                 overwrite: bool) -> dict[str, Any]:
     """Write the store; returns the manifest as written."""
@@ -73,7 +49,8 @@ def write_demos(folder: Path, manifest: dict[str, Any], columns: dict[str, np.nd
         raise ValueError(f"demo columns must be {sorted(COLUMNS)} of equal length")
     manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "feature_size": feature_size(),
                 "max_phases": MAX_PHASES, "rows": rows.pop(), "columns": list(COLUMNS), **manifest}
-    with staged_folder(folder, overwrite) as tmp:
+    check_free(folder, overwrite)
+    with atomic_folder(folder) as tmp:
         for name, dtype in COLUMNS.items():
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(columns[name], dtype=dtype))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from edge_runtime.errors import RELEDError
 from trainer.scenarios.model import Scenario
-from trainer.sumo_tools import first_error_line, sumo_binary, sumo_home
+from trainer.sim.sumo_tools import first_error_line, sumo_binary, sumo_home
 
 log = logging.getLogger(__name__)
 

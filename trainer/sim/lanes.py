@@ -58,7 +58,7 @@ def detector_segments(api: Any, lane: str, detector_range: float, predecessors: 
 class LaneReader:
     """Queue, approaching and longest wait per incoming lane, refreshed by :meth:`read`."""
 
-    def __init__(self, api: Any, lanes: list[str], detector_range: float) -> None:
+    def __init__(self, api: Any, lanes: list[str], detector_range: float, count_arrivals: bool = False) -> None:
         self.api = api
         self.lanes = lanes
         predecessors = lane_predecessors(api)
@@ -82,6 +82,16 @@ class LaneReader:
         self.queue = np.zeros(n, dtype=np.float32)
         self.approaching = np.zeros(n, dtype=np.float32)
         self.max_wait = np.zeros(n, dtype=np.float32)
+        # vehicles on each lane (the lane itself, not the detector) that were not on it at the last read
+        self.count_arrivals = count_arrivals
+        self.arrivals = np.zeros(n, dtype=np.float32)
+        self._own = [index[lane] for lane in lanes]
+        self._seen: list[set[str]] = [set() for _ in lanes]
+
+    def restart(self, api: Any) -> None:
+        """Read from a new SUMO run of the same net; arrivals count from scratch."""
+        self.api = api
+        self._seen = [set() for _ in self.lanes]
 
     def read(self) -> None:
         lane_api, veh_api = self.api.lane, self.api.vehicle
@@ -112,6 +122,11 @@ class LaneReader:
         self.queue[:] = np.bincount(self.owner, queue, minlength=n)
         self.approaching[:] = np.bincount(self.owner, moving, minlength=n)
         self.max_wait[:] = np.maximum.reduceat(wait, self._first_segment)
+        if self.count_arrivals:
+            for k, j in enumerate(self._own):
+                ids = set(vehicles[j])
+                self.arrivals[k] = len(ids - self._seen[k])
+                self._seen[k] = ids
 
     def vehicle_counts(self, lanes: list[str]) -> np.ndarray:
         """Vehicles on whole lanes (used for the outgoing side of pressure)."""
