@@ -2,11 +2,11 @@
 
 Trains every missing run with `reled train` (finished runs are reused, unfinished ones resumed),
 evaluates fixed-time, greedy and max-pressure on the same evaluation seeds as the runs' final
-policies (0..9), and writes docs/results_marl.{md,json} and docs/figures/results_marl_<net>.png.
+policies (0..9), and writes docs/results/results_marl.{md,json} and docs/results/figures/results_marl_<net>.png.
 
     .venv/bin/python tools/marl_results.py                # cologne8 and ingolstadt7, about 40 min on 2 cores
     .venv/bin/python tools/marl_results.py --config none --runs-dir runs/reled-timing \
-        --out docs/results_marl_reled_timing.md
+        --out docs/results/results_marl_reled_timing.md
     .venv/bin/python tools/marl_results.py --nets cologne8 --seeds 1
 """
 
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/resco_timing.toml",
                         help="timing for runs and heuristics (default: RESCO's exact MDP); 'none': RELED's default")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/resco"))
-    parser.add_argument("--out", type=Path, default=Path("docs/results_marl.md"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results/results_marl.md"))
     args = parser.parse_args()
     config = None if args.config == "none" else Path(args.config)
     timing = load_train_config(config, train={}).env.timing

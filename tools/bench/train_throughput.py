@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--scenario", default="cologne8")
     parser.add_argument("--updates", type=int, default=4, help="timed PPO updates per worker count (default 4)")
     parser.add_argument("--episode-seconds", type=float, default=None, help="shorter episodes (default: full hour)")
-    parser.add_argument("--json", type=Path, default=Path("docs/bench_train_throughput.json"))
+    parser.add_argument("--json", type=Path, default=Path("docs/results/bench_train_throughput.json"))
     args = parser.parse_args()
     results = [measure(w, args.updates, args.scenario, args.episode_seconds) for w in (1, 2)]
     speedup = results[1]["agent_steps_per_second"] / results[0]["agent_steps_per_second"]
