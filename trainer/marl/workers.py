@@ -118,10 +118,6 @@ class ProcessWorkers:
         self._startup_failures = 0
         self.workers = [_Worker(self._ctx, env_config, spec, k) for k in range(n_workers)]
 
-    @property
-    def pids(self) -> list[int]:
-        return [w.process.pid for w in self.workers if w.process.pid is not None]
-
     def collect(self, actor_state: dict[str, torch.Tensor], jobs: list[EpisodeJob]) -> list[Episode]:
         self._version += 1
         pending = list(range(len(jobs)))

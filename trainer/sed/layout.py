@@ -33,9 +33,6 @@ class SubsetLayout:
     lights: tuple[LightLayout, ...]
     links: tuple[tuple[str, str, float], ...]  # (label, label, metres by road) for neighbours inside the subset
 
-    def label_of(self, tls_id: str) -> str:
-        return next(light.label for light in self.lights if light.tls_id == tls_id)
-
 
 def compass_from(dx: float, dy: float) -> str:
     """Where traffic comes from, given its direction of travel (SUMO: y points north)."""
