@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_line_error, reled
 
 from edge_runtime.policy import OnnxPolicy
 from trainer.marl.checkpoint import actor_from_checkpoint, load_checkpoint
 
 
 @pytest.mark.slow
-def test_export_a_trained_run_with_int8(tmp_path):
+def test_export_a_trained_run_with_int8(reled, tmp_path):
     runs = tmp_path / "runs"
     trained = reled("train", "--scenario", "grid2x2", "--steps", "240", "--episode-seconds", "300",
                     "--runs-dir", str(runs), "--name", "r")
@@ -42,7 +41,7 @@ def test_export_a_trained_run_with_int8(tmp_path):
     assert decision.action in (0, 1) and decision.log_prob <= 0
 
 
-def test_export_refuses_bad_input_and_writes_nothing(tmp_path):
+def test_export_refuses_bad_input_and_writes_nothing(assert_one_line_error, reled, tmp_path):
     out = tmp_path / "p.onnx"
     assert_one_line_error(reled("export", "--out", str(out)), "--run", "--scenario")
     assert_one_line_error(reled("export", "--out", str(tmp_path / "p.txt"), "--scenario", "grid2x2"), "end in .onnx")

@@ -14,7 +14,6 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from helpers import REL, assert_one_line_error, reled
 
 from trainer.controllers import make_controller
 from trainer.env import EnvConfig
@@ -136,7 +135,7 @@ def test_short_training_on_a_grid_beats_a_random_policy(tmp_path):
     assert learned < 0.8 * random_delay, (learned, random_delay)
 
 
-def test_cli_train_eval_policy_and_compare(tmp_path):
+def test_cli_train_eval_policy_and_compare(assert_one_line_error, reled, tmp_path):
     runs = tmp_path / "runs"
     for seed in ("0", "1"):
         proc = reled("train", "--scenario", "grid2x2", "--steps", "240", "--episode-seconds", "300",
@@ -168,14 +167,14 @@ def test_cli_train_eval_policy_and_compare(tmp_path):
     assert_one_line_error(reled("train", "--scenario", "grid2x2", "--runs-dir", str(runs)), "--resume")
 
 
-def test_show_config_prints_every_default_and_the_flags():
+def test_show_config_prints_every_default_and_the_flags(reled):
     proc = reled("train", "--algo", "mappo", "--steps", "1234", "--show-config")
     assert proc.returncode == 0, proc.stderr
     assert 'algo = "mappo"' in proc.stdout and "steps = 1234" in proc.stdout
     assert "[ppo]" in proc.stdout and "entropy_coef = 0.01" in proc.stdout
 
 
-def test_cli_bad_training_input(tmp_path):
+def test_cli_bad_training_input(assert_one_line_error, reled, tmp_path):
     assert_one_line_error(reled("train", "--algo", "qmix"), "unknown algorithm 'qmix'")
     assert_one_line_error(reled("train", "--scenario", "atlantis", "--runs-dir", str(tmp_path)), "atlantis")
     config = tmp_path / "bad.toml"
@@ -193,18 +192,24 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_stops_every_worker_and_the_run_resumes(tmp_path):
+def test_ctrl_c_stops_every_worker_and_the_run_resumes(reled_command, reled, spawn, wait_until, tmp_path):
     runs = tmp_path / "runs"
-    proc = subprocess.Popen([*REL, "train", "--scenario", "grid2x2", "--steps", "100000", "--runs-dir", str(runs),
-                             "--name", "r", "--backend", "traci"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=_default_sigint)
+    proc = spawn([*reled_command, "train", "--scenario", "grid2x2", "--steps", "100000", "--runs-dir", str(runs),
+                  "--name", "r", "--backend", "traci"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                 preexec_fn=_default_sigint)
     latest = runs / "r" / "latest.pt"
-    deadline = time.monotonic() + 120
-    while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert latest.exists(), proc.communicate()[1] if proc.poll() is not None else "no checkpoint in 120 s"
-    children = psutil.Process(proc.pid).children(recursive=True)
-    assert len([c for c in children if "sumo" in c.name()]) >= 2  # TraCI: SUMO is a child of each worker
+
+    def checkpoint_written() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"reled train exited early: {proc.communicate()[1][-3000:]}")
+        return latest.exists()
+    wait_until(checkpoint_written, 300, "the first checkpoint")
+
+    def sumo_children() -> list[psutil.Process]:  # TraCI: SUMO is a child of each worker
+        sumos = [c for c in psutil.Process(proc.pid).children(recursive=True) if "sumo" in c.name()]
+        return sumos if len(sumos) >= 2 else []
+    # workers between two episodes have no SUMO for a moment: wait until both run one
+    children = wait_until(sumo_children, 120, "a SUMO process under each of the 2 workers")
     proc.send_signal(signal.SIGINT)
     try:
         _out, err = proc.communicate(timeout=180)
@@ -231,14 +236,15 @@ def _file_size_limit(limit: int):
     return apply
 
 
-def test_a_failing_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
+def test_a_failing_checkpoint_write_keeps_the_previous_checkpoint(reled_command, assert_one_line_error, reled,
+                                                                   tmp_path):
     runs = tmp_path / "runs"
     args = ["--scenario", "grid2x2", "--episode-seconds", "300", "--eval-every", "1", "--eval-episodes", "1"]
     assert reled("train", *args, "--steps", "240", "--runs-dir", str(runs), "--name", "r").returncode == 0
     latest = runs / "r" / "latest.pt"
     before = latest.read_bytes()
     # the OS refuses files larger than 64 KiB: the next checkpoint (about 100 KiB) cannot be written
-    proc = subprocess.run([*REL, "train", "--resume", str(runs / "r"), "--steps", "480"], capture_output=True,
+    proc = subprocess.run([*reled_command, "train", "--resume", str(runs / "r"), "--steps", "480"], capture_output=True,
                           text=True, timeout=300, preexec_fn=_file_size_limit(64 * 1024))
     assert_one_line_error(proc, "could not write checkpoint", "File too large", "previous checkpoint is intact")
     assert latest.read_bytes() == before

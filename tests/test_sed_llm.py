@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from helpers import reled
 
 from edge_runtime.shield import SignalTiming
 from trainer.sed.answers import AnswerFormat
@@ -162,7 +161,7 @@ def test_garbage_and_late_answers_are_errors_of_one_call():
 
 
 @pytest.mark.slow
-def test_eval_with_a_server_answering_nonsense_holds_and_counts(tmp_path):
+def test_eval_with_a_server_answering_nonsense_holds_and_counts(reled, tmp_path):
     """A whole episode against a server whose answers never parse: it finishes, every call is counted."""
     with broken_server("nonsense") as url:
         proc = reled("eval", "--scenario", "grid2x2", "--controller", "llm", "--llm-mode", "step", "--llm-url", url,
@@ -173,7 +172,7 @@ def test_eval_with_a_server_answering_nonsense_holds_and_counts(tmp_path):
     assert data["episodes"][0]["controller"] == "llm"
 
 
-def test_eval_refuses_a_server_that_is_down():
+def test_eval_refuses_a_server_that_is_down(reled):
     proc = reled("eval", "--scenario", "grid2x2", "--controller", "llm", "--llm-url", f"http://127.0.0.1:{_free_port()}",
                  "--seeds", "1", "--episode-seconds", "60")
     assert proc.returncode == 2 and "not answering" in proc.stderr

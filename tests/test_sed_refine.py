@@ -7,14 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_one_line_error, reled
 
 from edge_runtime.features import feature_size
 from trainer.sed.store import load_demos
 
 
 @pytest.mark.slow
-def test_refinement_rounds_run_end_to_end_on_a_small_grid(tmp_path: Path):
+def test_refinement_rounds_run_end_to_end_on_a_small_grid(assert_one_line_error, reled, tmp_path: Path):
     out = tmp_path / "demos"
     proc = reled("demos", "generate", "--scenario", "grid2x2", "--rounds", "2", "--candidates", "2",
                  "--episode-seconds", "900", "--horizon", "300", "--out", str(out))
@@ -50,7 +49,7 @@ def test_refinement_rounds_run_end_to_end_on_a_small_grid(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_llm_expert_as_a_controller_in_eval(tmp_path: Path):
+def test_llm_expert_as_a_controller_in_eval(reled, tmp_path: Path):
     proc = reled("eval", "--scenario", "grid2x2", "--controller", "fixed,llm", "--llm-mode", "step", "--seeds", "1",
                  "--episode-seconds", "200", "--json", str(tmp_path / "eval.json"))
     assert proc.returncode == 0, proc.stderr
@@ -59,7 +58,7 @@ def test_llm_expert_as_a_controller_in_eval(tmp_path: Path):
     assert controllers == ["fixed", "llm"]
 
 
-def test_bad_model_and_foreign_demo_folders_are_one_line_errors(tmp_path: Path):
+def test_bad_model_and_foreign_demo_folders_are_one_line_errors(assert_one_line_error, reled, tmp_path: Path):
     bad = tmp_path / "model.gguf"
     bad.write_text("not a model")
     proc = reled("demos", "generate", "--scenario", "grid2x2", "--llm-model", str(bad), "--out", str(tmp_path / "d"))
