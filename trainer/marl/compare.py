@@ -9,6 +9,7 @@ import numpy as np
 
 from edge_runtime.errors import RELEDError
 from trainer.marl.run_folder import read_summary
+from trainer.stats import mean_std
 
 
 @dataclass(frozen=True)
@@ -33,21 +34,14 @@ def group_runs(folders: list[Path]) -> dict[str, list[Path]]:
     return groups
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    arr = np.array(values, dtype=float)
-    if not len(arr):
-        return float("nan"), float("nan")
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-
-
 def summarise_groups(groups: dict[str, list[Path]]) -> list[GroupSummary]:
     out = []
     for label, folders in groups.items():
         summaries = [read_summary(f) for f in folders]
         out.append(GroupSummary(
             label=label, runs=folders, seeds=[s["seed"] for s in summaries],
-            last10=_mean_std([s["last10_delay"] for s in summaries if s["last10_delay"] is not None]),
-            best=_mean_std([s["best_eval_delay"] for s in summaries if s["best_eval_delay"] is not None]),
+            last10=mean_std([s["last10_delay"] for s in summaries if s["last10_delay"] is not None]),
+            best=mean_std([s["best_eval_delay"] for s in summaries if s["best_eval_delay"] is not None]),
             agent_steps=int(np.mean([s["agent_steps"] for s in summaries])),
             wall_minutes=float(np.mean([s["wall_seconds"] for s in summaries])) / 60))
     return out

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tomli_w
 
 from edge_runtime.errors import RELEDError
 from edge_runtime.fileio import atomic_write_text
 from trainer.marl.config import TrainConfig, load_train_config
+from trainer.stats import mean_std
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.csv"
@@ -104,12 +104,13 @@ def _fmt(value: Any) -> str:
 
 def summary(config: TrainConfig, progress: RunProgress) -> dict[str, Any]:
     last = progress.history[-LAST_N:]
+    mean, std = mean_std(last)
     return {
         "algo": config.algo, "scenario": config.scenario, "demand": config.demand, "seed": config.seed,
         "agent_steps": progress.agent_steps, "updates": progress.updates, "wall_seconds": progress.wall_seconds,
         "finished": progress.finished,
-        "last10_delay": float(np.mean(last)) if last else None,
-        "last10_delay_std": float(np.std(last, ddof=1)) if len(last) > 1 else None,
+        "last10_delay": mean if last else None,
+        "last10_delay_std": std if len(last) > 1 else None,
         "last10_episodes": len(last),
         "best_eval_delay": progress.best_delay if math.isfinite(progress.best_delay) else None,
         "best_update": progress.best_update,
