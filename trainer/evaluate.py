@@ -8,13 +8,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
-
 from trainer.controllers import Controller
 from trainer.env import EnvConfig, TrafficSignalEnv
 from trainer.metrics import EpisodeMetrics
 from trainer.scenarios import Scenario
+from trainer.stats import mean_std
 
+# What `reled eval` summarises over seeds (its table, its JSON's "summary").
+SUMMARY_METRICS = ("avg_delay", "avg_travel_time", "avg_waiting_time", "throughput", "teleports")
 # Called after every decision with (controller name, seed, episode progress in [0, 1]).
 ProgressHook = Callable[[str, int, float], None]
 
@@ -71,7 +72,22 @@ def summarise(results: list[EpisodeResult], key: str) -> dict[str, tuple[float, 
     """Per controller: mean and sample std of one metric over seeds (std 0 with one seed)."""
     out: dict[str, tuple[float, float]] = {}
     for name in dict.fromkeys(r.controller for r in results):
-        values = np.array([getattr(r.metrics, key) for r in results if r.controller == name], dtype=float)
-        std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        out[name] = (float(values.mean()), std if not math.isnan(std) else 0.0)
+        mean, std = mean_std([getattr(r.metrics, key) for r in results if r.controller == name])
+        out[name] = (mean, 0.0 if math.isnan(std) else std)  # a NaN metric (no vehicle) has no spread to show
     return out
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Mean ± std over seeds of every summary metric, per controller: computed once for the tables, JSON and plot."""
+
+    metrics: dict[str, dict[str, tuple[float, float]]]  # metric -> controller -> (mean, std)
+
+    @property
+    def controllers(self) -> list[str]:
+        return list(next(iter(self.metrics.values()), {}))
+
+
+def summarise_metrics(results: list[EpisodeResult], keys: tuple[str, ...] = SUMMARY_METRICS) -> Summary:
+    """The one summary `reled eval` prints, writes to JSON and plots, so all three show the same numbers."""
+    return Summary({key: summarise(results, key) for key in keys})

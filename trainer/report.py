@@ -1,4 +1,4 @@
-"""Tables and JSON reports of evaluation results."""
+"""Tables and JSON reports of evaluation results; the summary comes computed (``summarise_metrics``)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ from rich.table import Table
 
 from edge_runtime.fileio import atomic_write_text
 from trainer.env import EnvConfig
-from trainer.evaluate import EpisodeResult, summarise
-from trainer.metrics import METRIC_LABELS
+from trainer.evaluate import EpisodeResult, Summary
 from trainer.scenarios import Scenario
-
-SUMMARY_METRICS = ("avg_delay", "avg_travel_time", "avg_waiting_time", "throughput", "teleports")
+from trainer.sim.metrics import METRIC_LABELS
 
 
 def episode_tables(results: list[EpisodeResult]) -> list[Table]:
@@ -32,28 +30,26 @@ def episode_tables(results: list[EpisodeResult]) -> list[Table]:
     return tables
 
 
-def summary_table(results: list[EpisodeResult], title: str) -> Table:
+def summary_table(summary: Summary, title: str) -> Table:
     table = Table(title=title)
     table.add_column("controller")
-    for key in SUMMARY_METRICS:
+    for key in summary.metrics:
         table.add_column(METRIC_LABELS[key], justify="right")
-    summaries = {key: summarise(results, key) for key in SUMMARY_METRICS}
-    for name in summaries["avg_delay"]:
-        table.add_row(name, *(f"{summaries[k][name][0]:.1f} ± {summaries[k][name][1]:.1f}"
-                              for k in SUMMARY_METRICS))
+    for name in summary.controllers:
+        table.add_row(name, *(f"{stats[name][0]:.1f} ± {stats[name][1]:.1f}" for stats in summary.metrics.values()))
     return table
 
 
-def write_eval_json(path: Path, scenario: Scenario, demand: str, config: EnvConfig,
-                    results: list[EpisodeResult]) -> None:
+def write_eval_json(path: Path, scenario: Scenario, demand: str, config: EnvConfig, results: list[EpisodeResult],
+                    summary: Summary) -> None:
     payload = {
         "scenario": scenario.name, "demand": demand,
         "vehicles_per_hour": scenario.demand(demand).vehicles_per_hour,
         "timing": dataclasses.asdict(config.timing or scenario.timing),
         "episodes": [{"controller": r.controller, "seed": r.seed, "wall_seconds": r.wall_seconds,
                       **r.metrics.as_dict()} for r in results],
-        "summary": {key: {name: {"mean": m, "std": s} for name, (m, s) in summarise(results, key).items()}
-                    for key in SUMMARY_METRICS},
+        "summary": {key: {name: {"mean": m, "std": s} for name, (m, s) in stats.items()}
+                    for key, stats in summary.metrics.items()},
     }
     atomic_write_text(path, json.dumps(payload, indent=2))
 
