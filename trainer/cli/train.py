@@ -2,38 +2,40 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from trainer.cli_common import BackendOption, EpisodeSecondsOption, RewardOption, console, err_console, user_errors
+from trainer.cli.common import console, err_console, progress_bar
+from trainer.cli.options import ENV, Flag, Given, OptionGroup, default_note
 
-log = logging.getLogger(__name__)
+TRAIN = OptionGroup(
+    "trainer.marl.config:TrainConfig",
+    Flag("algo", str, "ippo (local critic) or mappo (centralized critic)"),
+    Flag("scenario", str, "Scenario name or folder"),
+    Flag("demand", str, "Demand regime"),
+    Flag("steps", int, "Agent-steps to train for (one intersection's decision each)"),
+    Flag("workers", int, "SUMO worker processes"),
+    Flag("seed", int, "Seed of the networks, sampling and SUMO"),
+    Flag("episodes_per_update", int, "Episodes per PPO update"),
+    Flag("eval_every", int, "Updates between evaluations"),
+    Flag("eval_episodes", int, "Greedy episodes per evaluation"),
+)
+# What --resume refuses (the run's own settings), in the order its error names them.
+RESUME_FIXED = ("algo", "scenario", "demand", "seed", "config", "name", "backend", "reward", "episode_seconds",
+                "episodes_per_update", "eval_every", "eval_episodes")
 
 
 def train_command(
-    algo: Annotated[str | None, typer.Option(help="ippo (local critic) or mappo (centralized critic) "
-                                                  "\\[default: ippo]")] = None,
-    scenario: Annotated[str | None, typer.Option(help="Scenario name or folder \\[default: grid2x2]")] = None,
-    demand: Annotated[str | None, typer.Option(help="Demand regime \\[default: moderate]")] = None,
-    steps: Annotated[int | None, typer.Option(help="Agent-steps to train for (one intersection's decision "
-                                                   "each) \\[default: 300000]")] = None,
-    workers: Annotated[int | None, typer.Option(help="SUMO worker processes \\[default: 2]")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the networks, sampling and SUMO \\[default: 0]")] = None,
-    episodes_per_update: Annotated[int | None, typer.Option(help="Episodes per PPO update \\[default: 2]")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Updates between evaluations \\[default: 5]")] = None,
-    eval_episodes: Annotated[int | None, typer.Option(help="Greedy episodes per evaluation \\[default: 2]")] = None,
-    backend: BackendOption = None,
-    reward: RewardOption = None,
-    episode_seconds: EpisodeSecondsOption = None,
+    train: Given = TRAIN,
+    env: Given = ENV,
     config: Annotated[Path | None, typer.Option(help="TOML with \\[train], \\[ppo], \\[env], \\[timing]; flags win. "
                                                      "See docs/training.md for every key.")] = None,
-    name: Annotated[str | None, typer.Option(help="Run name \\[default: ALGO-SCENARIO-DEMAND-sSEED]")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name " + default_note("ALGO-SCENARIO-DEMAND-sSEED"))]
+    = None,
     runs_dir: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
     resume: Annotated[Path | None, typer.Option(help="Continue runs/NAME from latest.pt exactly; only --steps "
                                                      "and --workers may change.")] = None,
@@ -51,21 +53,14 @@ def train_command(
     from trainer.marl.training import TrainingRun
 
     if resume is not None:
-        others = {"--algo": algo, "--scenario": scenario, "--demand": demand, "--seed": seed, "--config": config,
-                  "--name": name, "--backend": backend, "--reward": reward, "--episode-seconds": episode_seconds,
-                  "--episodes-per-update": episodes_per_update, "--eval-every": eval_every,
-                  "--eval-episodes": eval_episodes}
-        given = [flag for flag, value in others.items() if value is not None]
+        values = {**train, **env, "config": config, "name": name}
+        given = [f"--{key.replace('_', '-')}" for key in RESUME_FIXED if values.get(key) is not None]
         if given:
             raise RELEDError(f"--resume continues the run's own settings; drop {', '.join(given)} "
                              "(only --steps and --workers may change)")
-        run = TrainingRun.resume(resume, steps=steps, workers=workers)
+        run = TrainingRun.resume(resume, steps=train.get("steps"), workers=train.get("workers"))
     else:
-        train_flags = {"algo": algo, "scenario": scenario, "demand": demand, "steps": steps, "workers": workers,
-                       "seed": seed, "episodes_per_update": episodes_per_update, "eval_every": eval_every,
-                       "eval_episodes": eval_episodes}
-        cfg = load_train_config(config, train=train_flags,
-                                env={"backend": backend, "reward": reward, "episode_seconds": episode_seconds})
+        cfg = load_train_config(config, train=train, env=env)
         if show_config:
             import tomli_w
 
@@ -88,9 +83,7 @@ def _train_with_progress(run: Any) -> None:
     console.print(f"[bold]{cfg.algo}[/] on {cfg.scenario}/{cfg.demand}, seed {cfg.seed}: {len(run.agents)} "
                   f"agents, {cfg.steps:,} agent-steps, {cfg.workers} worker(s) → {run.folder}")
     latest: dict[str, float] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
-                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
-                  disable=not err_console.is_terminal) as bar:
+    with progress_bar(counts=True) as bar:
         task = bar.add_task("training", total=cfg.steps, completed=progress.agent_steps)
 
         def on_update(row: dict[str, Any]) -> None:
@@ -159,8 +152,3 @@ def compare_command(
                                                  "best_std": r.best[1], "agent_steps": r.agent_steps,
                                                  "wall_minutes": r.wall_minutes} for r in rows], indent=2) + "\n")
         console.print(f"wrote {json_out}")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("train")(user_errors(train_command))
-    app.command("compare")(user_errors(compare_command))
