@@ -58,5 +58,5 @@ def test_flows_are_counted(tmp_path):
 
 
 def test_unknown_scenario_names_the_fix():
-    with pytest.raises(RELEDError, match="reled scenarios list"):
+    with pytest.raises(RELEDError, match="run `reled scenarios` "):
         get_scenario("atlantis")

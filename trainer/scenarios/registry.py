@@ -46,5 +46,5 @@ def get_scenario(name: str) -> Scenario:
     if (path / SCENARIO_FILE).is_file():
         return load_scenario_folder(path)
     known = ", ".join(n for n, _ in list_scenarios())
-    raise RELEDError(f"unknown scenario {name!r}: run `reled scenarios list` (known: {known}) "
+    raise RELEDError(f"unknown scenario {name!r}: run `reled scenarios` (known: {known}) "
                      f"or import one with `reled scenario import --osm FILE --name {name}`")
