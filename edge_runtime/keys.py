@@ -25,14 +25,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.x509.oid import NameOID
 
 from edge_runtime.errors import RELEDError
-from edge_runtime.fileio import atomic_path
+from edge_runtime.fileio import atomic_write_bytes
 from edge_runtime.protocol import SERVER_USER, check_device_id
 
 
 def write_secret(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-        tmp.chmod(0o600)
+    atomic_write_bytes(path, data, mode=0o600)
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
@@ -84,9 +82,8 @@ class KeyFolder:
             key = Ed25519PrivateKey.generate()
             write_secret(self.signing_key_path, key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-            with atomic_path(self.public_key_path) as tmp:
-                tmp.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                              serialization.PublicFormat.SubjectPublicKeyInfo))
+            atomic_write_bytes(self.public_key_path, key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         new_users = [u for u in [SERVER_USER, *devices] if not self.secret_path(u).exists()]
         for user in new_users:
             write_secret(self.secret_path(user), (secrets.token_urlsafe(24) + "\n").encode())
@@ -139,9 +136,7 @@ class KeyFolder:
         for name, key in (("ca.key", ca_key), ("server.key", server_key)):
             write_secret(self.tls_dir / name, key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                                                 serialization.NoEncryption()))
-        with atomic_path(self.tls_dir / "server.crt") as tmp:
-            tmp.write_bytes(server.public_bytes(pem))
-        with atomic_path(ca_crt) as tmp:
-            tmp.write_bytes(ca.public_bytes(pem))
+        atomic_write_bytes(self.tls_dir / "server.crt", server.public_bytes(pem))
+        atomic_write_bytes(ca_crt, ca.public_bytes(pem))
         os.chmod(self.tls_dir, 0o700)
         return ca_crt
