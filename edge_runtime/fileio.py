@@ -1,10 +1,11 @@
-"""Atomic file writes: a reader never sees a half-written file, a failed write leaves the old one."""
+"""Atomic file and folder writes: a reader never sees a half-written one, a failed write leaves the old one."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 import tomllib
 from collections.abc import Iterator
@@ -32,13 +33,38 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def atomic_folder(folder: Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``folder``; it replaces ``folder`` only if the block succeeds.
+
+    An existing ``folder`` is moved aside first and removed after the swap, so readers see either the
+    old folder or the new one, never a half-built one. Callers decide whether replacing is allowed.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks (models do not need to fit in memory twice)."""
-    digest = hashlib.sha256()
+    """SHA-256 of a file, read in blocks (models do not need to fit in memory twice)."""
     with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def sha256_bytes(data: bytes | memoryview) -> str:
+    """SHA-256 of bytes in memory (a model chunk, a model already read), in the same hex form as the files'."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def write_durably(path: Path, data: bytes | memoryview) -> None:
@@ -49,9 +75,20 @@ def write_durably(path: Path, data: bytes | memoryview) -> None:
         os.fsync(fh.fileno())
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = False, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data`` atomically; ``durable`` also fsyncs (state a power cut must not lose),
+    ``mode`` sets the permissions before the file appears (0o600 for secrets)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        if durable:
+            write_durably(tmp, data)
+        else:
+            tmp.write_bytes(data)
+        if mode is not None:
+            tmp.chmod(mode)
+
+
+def atomic_write_text(path: Path, text: str, *, durable: bool = False, mode: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode(), durable=durable, mode=mode)
 
 
 def read_toml(path: Path) -> dict[str, Any]:
