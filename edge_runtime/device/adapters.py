@@ -1,9 +1,10 @@
 """Where a controller reads its detectors and drives its signal heads.
 
 The daemon talks to a :class:`Sensor` and an :class:`Actuator` only. Here: a replay sensor that plays
-recorded per-phase detector readings (``reled-edge record`` or any ``.npz`` with a ``per_phase``
-array [T, n_phases, 3] of queued, approaching, longest wait) and an actuator that logs every signal
-state it is told to show. Cabinet I/O (NTCIP, GPIO) and the hardware-in-the-loop bridge plug in here.
+recorded per-phase detector readings (any ``.npz`` with a ``per_phase`` array [T, n_phases, 3] of
+queued, approaching, longest wait; ``edge_runtime.fleet.local.synthetic_replay`` writes one) and an
+actuator that logs every signal state it is told to show. Cabinet I/O (NTCIP, GPIO) and the
+hardware-in-the-loop bridge plug in here.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """The controller's deployment state, persisted (atomically, fsync'd) before every step it takes.
 
-IDLE → DOWNLOADING → VERIFIED → STAGED → PROBATION → COMMITTED, or FAILED / ROLLED_BACK (DESIGN §6).
+IDLE → DOWNLOADING → VERIFIED → STAGED → PROBATION → COMMITTED, or FAILED / ROLLED_BACK; every allowed
+move is in :data:`TRANSITIONS` (docs/edge.md §4 draws it), and entering a state the table does not allow
+from the current one raises :class:`IllegalTransition`: that is a bug in the controller, never a bad input.
 A restart resumes from the file: a download continues with the chunks it has, a verified or staged
 model is checked again, and a restart during probation counts as a failed probation (the new model
 may be what crashed us), so it rolls back.
@@ -14,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.fileio import atomic_path, write_durably
+from edge_runtime.fileio import atomic_write_text
 from edge_runtime.protocol import Manifest
 
 
@@ -27,6 +29,38 @@ class DeployState(enum.StrEnum):
     COMMITTED = "COMMITTED"
     FAILED = "FAILED"
     ROLLED_BACK = "ROLLED_BACK"
+
+
+_S = DeployState
+# Every state the controller may enter from each state. Why each move exists:
+# - DOWNLOADING from anywhere a command is handled: a newer signed deploy replaces whatever was going on.
+# - COMMITTED from those states too: a deploy of the model already running is a no-op that confirms it.
+# - ROLLED_BACK from those states: a signed rollback command, and (from PROBATION) a failed probation
+#   or a restart during probation.
+# - VERIFIED and STAGED are checked again after a restart, so STAGED → STAGED; with no job in the file
+#   (never written by this code) they fall back to IDLE.
+# VERIFIED handles no commands: it is entered and left within one step (a restart resumes from it).
+TRANSITIONS: dict[DeployState, frozenset[DeployState]] = {
+    _S.IDLE: frozenset({_S.DOWNLOADING, _S.COMMITTED, _S.ROLLED_BACK}),
+    _S.DOWNLOADING: frozenset({_S.DOWNLOADING, _S.VERIFIED, _S.FAILED, _S.COMMITTED, _S.ROLLED_BACK}),
+    _S.VERIFIED: frozenset({_S.STAGED, _S.FAILED, _S.IDLE}),
+    _S.STAGED: frozenset({_S.STAGED, _S.PROBATION, _S.FAILED, _S.IDLE, _S.DOWNLOADING, _S.COMMITTED, _S.ROLLED_BACK}),
+    _S.PROBATION: frozenset({_S.COMMITTED, _S.ROLLED_BACK, _S.DOWNLOADING}),
+    _S.COMMITTED: frozenset({_S.DOWNLOADING, _S.COMMITTED, _S.ROLLED_BACK}),
+    _S.FAILED: frozenset({_S.DOWNLOADING, _S.COMMITTED, _S.ROLLED_BACK}),
+    _S.ROLLED_BACK: frozenset({_S.DOWNLOADING, _S.COMMITTED, _S.ROLLED_BACK}),
+}
+# A deployment still under way: the server waits for these to end before judging a device.
+IN_PROGRESS = frozenset({_S.DOWNLOADING, _S.VERIFIED, _S.STAGED, _S.PROBATION})
+
+
+class IllegalTransition(RuntimeError):
+    """The controller tried a move :data:`TRANSITIONS` does not allow: a bug, so it is not a RELEDError."""
+
+
+def check_transition(old: DeployState, new: DeployState) -> None:
+    if new not in TRANSITIONS[old]:
+        raise IllegalTransition(f"deploy state {old} → {new} is not an allowed transition")
 
 
 @dataclass
@@ -87,5 +121,4 @@ class StateFile:
         return ControllerState.from_json(self.path.read_text())
 
     def save(self, state: ControllerState) -> None:
-        with atomic_path(self.path) as tmp:
-            write_durably(tmp, state.to_json().encode())
+        atomic_write_text(self.path, state.to_json(), durable=True)

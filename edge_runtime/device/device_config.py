@@ -8,14 +8,13 @@ falls back to a default on a street controller.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import RELEDError
-from edge_runtime.fileio import read_toml
 from edge_runtime.protocol import check_device_id
+from edge_runtime.settings import build_section, read_sections
 from edge_runtime.shield import SignalTiming
 
 
@@ -142,24 +141,19 @@ def profile_path(device_file: Path, name: str) -> Path:
 
 def load_device_config(path: Path) -> DeviceConfig:
     """The merged, validated configuration, or a one-line error naming the file and the key."""
-    data = read_toml(path)
+    data = read_sections(path, _TYPES)
     name = data.get("device", {}).get("profile", "")
     merged: dict[str, dict[str, Any]] = {}
     if name:
         profile_file = profile_path(path, name)
         if not profile_file.is_file():
             raise RELEDError(f"{path}: profile {name!r} not found at {profile_file}")
-        for section, values in read_toml(profile_file).items():
+        for section, values in read_sections(profile_file, _TYPES).items():
             merged.setdefault(section, {}).update(values)
     for section, values in data.items():
-        if not isinstance(values, dict):
-            raise RELEDError(f"{path}: {section!r} must be a [section]")
         merged.setdefault(section, {}).update(values)
-    unknown = sorted(set(merged) - set(_TYPES))
-    if unknown:
-        raise RELEDError(f"{path}: unknown section(s) {unknown}; expected {sorted(_TYPES)}")
-    sections = {name: _section(path, name, merged.get(name, {})) for name in _TYPES
-                if name in merged or name not in ("device", "signal")}
+    sections = {name: build_section(str(path), name, merged.get(name, {}), cls, base=path.parent)
+                for name, cls in _TYPES.items() if name in merged or name not in ("device", "signal")}
     for required in ("device", "signal"):
         if required not in sections:
             raise RELEDError(f"{path}: missing [{required}] section")
@@ -172,42 +166,6 @@ def load_device_config(path: Path) -> DeviceConfig:
     if len(config.signal.green_phases) < 2:
         raise RELEDError(f"{path}: [signal] green_phases needs at least 2 phases")
     return config
-
-
-def _section(path: Path, name: str, values: dict[str, Any]) -> Any:
-    cls = _TYPES[name]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise RELEDError(f"{path}: unknown key(s) {unknown} in [{name}]; known: {sorted(fields)}")
-    converted: dict[str, Any] = {}
-    for key, value in values.items():
-        default = fields[key].default
-        kind = str(fields[key].type)
-        try:
-            if "Path" in kind:
-                converted[key] = None if value in ("", None) else (path.parent / Path(value)).resolve()
-            elif "tuple" in kind:
-                if not isinstance(value, list):
-                    raise TypeError("expected a list")
-                converted[key] = tuple(str(v) for v in value)
-            elif isinstance(default, bool):
-                converted[key] = bool(value)
-            elif isinstance(default, float):
-                converted[key] = float(value)
-            elif isinstance(default, int):
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise TypeError("expected an integer")
-                converted[key] = value
-            else:
-                converted[key] = str(value)
-        except (TypeError, ValueError) as exc:
-            raise RELEDError(f"{path}: [{name}] {key} = {value!r}: {exc}") from exc
-    try:
-        return cls(**converted)
-    except TypeError as exc:
-        missing = str(exc).split("argument")[-1].strip(": ")
-        raise RELEDError(f"{path}: [{name}] is missing {missing}") from exc
 
 
 def device_files(folder: Path) -> dict[str, DeviceConfig]:

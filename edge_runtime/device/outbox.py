@@ -44,7 +44,6 @@ class Outbox:
         self.resend_seconds = resend_seconds
         self.max_rows = max_rows
         self.epoch = self._epoch()
-        self.dropped = 0
         # Counters kept in memory: the decision loop reads them every iteration, COUNT(*) is O(rows)
         row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='rows'").fetchone()
         self._recorded = int(row[0]) if row else 0
@@ -165,7 +164,6 @@ class Outbox:
                 break
             dropped += gone
         if dropped:
-            self.dropped += dropped
             log.warning("outbox over %d rows: dropped the %d oldest", self.max_rows, dropped)
         return dropped
 
