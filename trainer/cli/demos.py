@@ -24,6 +24,8 @@ GENERATE = OptionGroup(
 REFINE = OptionGroup(
     "trainer.sed.refine:RefineConfig",
     Flag("rounds", int, "R: refinement rounds.", min=1),
+    Flag("candidates", int, "Demonstration episodes per round (candidate 0 answers greedily, the others sample).",
+         min=1),
     Flag("temperature", float, "Sampling temperature of candidates 1..", min=0),
     Flag("lam", float, "λ of the score G_j − λ·B_j.", "--lambda", min=0),
     Flag("gamma", float, "γ of G_j and of the bound.", min=0, max=0.999),
@@ -36,9 +38,6 @@ def generate_command(
     scenario: Annotated[str, typer.Option(help="Scenario name or folder.")],
     demand: str = DEMAND,
     mode: str = MODE,
-    # the command plays 2 candidates per round where RefineConfig (the library's) plays 1
-    candidates: Annotated[int, typer.Option(min=1, help="Demonstration episodes per round (candidate 0 answers "
-                                                        "greedily, the others sample).")] = 2,
     refine: Given = REFINE,
     out: Annotated[Path | None, typer.Option(help="Demonstration folder "
                                                   + default_note("demos/SCENARIO-DEMAND-MODE"))] = None,
@@ -69,14 +68,14 @@ def generate_command(
         raise RELEDError(f"unknown --mode {mode!r}: choose plan or step")
     out = out or Path("demos") / f"{Path(scenario).name}-{demand}-{mode}"
     env_config = load_env_config(config, scenario=scenario, demand=demand, **env)
-    request = GenerateRequest(env=env_config, mode=mode, llm=LLMSettings(**llm),
-                              refine=RefineConfig(candidates=candidates, **refine), **options)
+    refine_config = RefineConfig(**refine)
+    request = GenerateRequest(env=env_config, mode=mode, llm=LLMSettings(**llm), refine=refine_config, **options)
     with progress_bar() as progress:
         tasks: dict[int, Any] = {}
 
         def hook(r: int, c: int, frac: float) -> None:
             if r not in tasks:
-                tasks[r] = progress.add_task(f"round {r}", total=candidates)
+                tasks[r] = progress.add_task(f"round {r}", total=refine_config.candidates)
             progress.update(tasks[r], completed=c + frac, description=f"round {r} candidate {c}")
 
         def on_round(r: int, demos: list) -> None:

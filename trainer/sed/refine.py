@@ -36,7 +36,7 @@ RefineHook = Callable[[int, int, float], None]
 @dataclass(frozen=True)
 class RefineConfig:
     rounds: int = 3
-    candidates: int = 1
+    candidates: int = 2  # a tiny model needs sampled candidates beside its greedy answer
     temperature: float = 1.0  # for candidates 1.. (candidate 0 is greedy)
     lam: float = 1e-4  # λ of the score G − λ·B
     gamma: float = 0.99  # γ of the bound and of G
