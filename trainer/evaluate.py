@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 from trainer.controllers import Controller
 from trainer.env import EnvConfig, TrafficSignalEnv
-from trainer.metrics import EpisodeMetrics
+from trainer.rollout import play_episode
 from trainer.scenarios import Scenario
+from trainer.sim.metrics import EpisodeMetrics
 from trainer.stats import mean_std
 
 # What `reled eval` summarises over seeds (its table, its JSON's "summary").
@@ -31,13 +32,7 @@ class EpisodeResult:
 def run_episode(env: TrafficSignalEnv, controller: Controller, seed: int,
                 on_step: Callable[[float], None] | None = None) -> EpisodeMetrics:
     """One full episode; returns SUMO's trip metrics."""
-    obs, infos = env.reset(seed=seed)
-    controller.reset(seed)
-    span = env.end_time - env.scenario.begin
-    while env.agents:
-        obs, _rewards, _term, _trunc, infos = env.step(controller.act(obs, infos))
-        if on_step:
-            on_step((env.time - env.scenario.begin) / span)
+    play_episode(env, controller, seed, on_step=on_step)
     assert env.last_metrics is not None
     return env.last_metrics
 
@@ -46,7 +41,8 @@ def run_episode(env: TrafficSignalEnv, controller: Controller, seed: int,
 def controller_env(scenario: Scenario, controller: Controller, config: EnvConfig) -> Iterator[TrafficSignalEnv]:
     """An environment set up the way ``controller`` needs it, closed afterwards."""
     env = TrafficSignalEnv(config, resolved=scenario, fixed_time=not controller.drives_signals,
-                           with_pressure=controller.needs_pressure, collect_metrics=True)
+                           with_pressure=controller.needs_pressure, with_inflow=controller.needs_inflow,
+                           collect_metrics=True)
     try:
         controller.attach(env)
         yield env
