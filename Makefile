@@ -35,7 +35,7 @@ demo: install
 	$(BIN)/reled demos show $(OUT)/demos/cologne8-moderate-plan
 	$(BIN)/reled export --run $(OUT)/runs/demo-ippo-cologne8 --out $(OUT)/policy.onnx --int8
 	rm -rf $(OUT)/fleet
-	$(PY) tools/local_fleet.py --policy $(OUT)/policy.onnx --devices 3 --dir $(OUT)/fleet --deploy
+	$(BIN)/reled-edge fleet up --policy $(OUT)/policy.onnx --devices 3 --dir $(OUT)/fleet --deploy
 
 test: install
 	$(BIN)/ruff check .

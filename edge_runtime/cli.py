@@ -1,4 +1,5 @@
-"""`reled-edge`: the fleet side (keys, broker, deploy, status, rollback, collect) and the controller daemon."""
+"""`reled-edge`: the fleet side (keys, broker, deploy, status, rollback, collect, a local fleet) and the controller
+daemon."""
 
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ app = typer.Typer(help="RELED edge runtime: the intersection controller daemon a
                        "policies to it over MQTT.", no_args_is_help=True, pretty_exceptions_enable=False)
 keys_app = typer.Typer(help="Signing key and MQTT credentials.", no_args_is_help=True)
 broker_app = typer.Typer(help="Run the fleet's Mosquitto broker.", no_args_is_help=True)
+fleet_app = typer.Typer(help="A fleet of real controllers on this machine (no hardware needed).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(broker_app, name="broker")
+app.add_typer(fleet_app, name="fleet")
 KeysOption = Annotated[Path, typer.Option(help="The server's key folder (signing key, MQTT credentials, TLS).")]
 BrokerDirOption = Annotated[Path, typer.Option(help="Folder of the broker started by `reled-edge broker start` "
                                                     "(its address is read from there).")]
@@ -75,7 +78,7 @@ def keys_init(
 ) -> None:
     """Create the Ed25519 signing key pair and per-device MQTT passwords. Safe to run again: existing keys are
     kept, only new devices get credentials. Copy signing.pub and credentials/<id>.secret to each device."""
-    from edge_runtime.device_config import device_files
+    from edge_runtime.device.device_config import device_files
     from edge_runtime.keys import KeyFolder
 
     ids = list(device or [])
@@ -100,7 +103,7 @@ def broker_start(
                                                       "are generated into KEYS/tls).")] = None,
 ) -> None:
     """Start Mosquitto: no anonymous access, one user per device, each device limited to its own topics."""
-    from edge_runtime import broker
+    from edge_runtime.fleet import broker
     from edge_runtime.keys import KeyFolder
 
     info = broker.start(dir, KeyFolder(keys), host, port, tls_port)
@@ -113,7 +116,7 @@ def broker_start(
 def broker_stop(dir: Annotated[Path, typer.Option("--dir", help="The folder given to `broker start`.")]
                 = DEFAULT_BROKER_DIR) -> None:
     """Stop the broker started from --dir (its retained messages are saved)."""
-    from edge_runtime import broker
+    from edge_runtime.fleet import broker
 
     pid = broker.stop(dir)
     console.print(f"stopped mosquitto (pid {pid})" if pid else "no broker was running")
@@ -122,8 +125,8 @@ def broker_stop(dir: Annotated[Path, typer.Option("--dir", help="The folder give
 # -- fleet ----------------------------------------------------------------------------------------
 def _server(keys: Path, broker_dir: Path, host: str | None, port: int | None, name: str,
             extra: list[str] | None = None) -> Any:
+    from edge_runtime.fleet.server import ServerLink, server_address
     from edge_runtime.keys import KeyFolder
-    from edge_runtime.server import ServerLink, server_address
 
     folder = KeyFolder(keys)
     return ServerLink(folder, server_address(folder, broker_dir, host, port), name, extra or []).start()
@@ -148,10 +151,10 @@ def deploy(
 ) -> None:
     """Sign a manifest per device, publish it as the retained desired state, serve the chunks the devices ask
     for, and wait until each reports COMMITTED (or print why it did not). Exit code 1 if any failed."""
-    from edge_runtime.deploy import DONE, select_devices
-    from edge_runtime.deploy import deploy as run_deploy
-    from edge_runtime.device_config import device_files
-    from edge_runtime.server import Model
+    from edge_runtime.device.device_config import device_files
+    from edge_runtime.fleet.deploy import DONE, select_devices
+    from edge_runtime.fleet.deploy import deploy as run_deploy
+    from edge_runtime.fleet.server import Model
 
     targets_cfg = select_devices(device_files(devices), list(device or []), group)
     policy = Model.load(model)
@@ -192,7 +195,7 @@ def status(
     settle: Annotated[float, typer.Option(help="Seconds to gather the retained reports.")] = 1.0,
 ) -> None:
     """Every device's reported state, model, mode and drift from its desired state."""
-    from edge_runtime.deploy import fleet_snapshot
+    from edge_runtime.fleet.deploy import fleet_snapshot
 
     server = _server(keys, broker_dir, host, port, "status")
     try:
@@ -229,7 +232,7 @@ def rollback_command(
     port: PortOption = None,
 ) -> None:
     """Send a signed rollback: the device returns to its previous model (fixed-time if it has none)."""
-    from edge_runtime.deploy import rollback
+    from edge_runtime.fleet.deploy import rollback
 
     server = _server(keys, broker_dir, host, port, "rollback")
     try:
@@ -252,7 +255,7 @@ def collect(
     port: PortOption = None,
 ) -> None:
     """Receive the controllers' rollouts, write every batch exactly once and acknowledge it."""
-    from edge_runtime.collector import ROLLOUT_TOPIC, Collector
+    from edge_runtime.fleet.collector import ROLLOUT_TOPIC, Collector
 
     server = _server(keys, broker_dir, host, port, "collect", [ROLLOUT_TOPIC])
     collector = Collector(server, out)
@@ -283,15 +286,34 @@ def daemon(
 ) -> None:
     """Run the intersection controller: policy decisions through the safety shield, signed deployments,
     rollout streaming. SIGTERM/SIGINT stop it cleanly; every deploy step survives SIGKILL."""
-    from edge_runtime.daemon import Controller
-    from edge_runtime.device_config import load_device_config
+    from edge_runtime.device.daemon import DeviceDaemon
+    from edge_runtime.device.device_config import load_device_config
 
     cfg = load_device_config(config)
     if check:
         console.print(f"{config}: device {cfg.id}, intersection {cfg.device.intersection}, "
                       f"{len(cfg.signal.green_phases)} phases, broker {cfg.broker.host}:{cfg.broker.port}: ok")
         return
-    controller = Controller(cfg)
+    controller = DeviceDaemon(cfg)
     signal.signal(signal.SIGTERM, lambda *_: controller.stop())
     signal.signal(signal.SIGINT, lambda *_: controller.stop())
     controller.run()
+
+
+@fleet_app.command("up")
+@user_errors
+def fleet_up(
+    policy: Annotated[Path, typer.Option(help="An ONNX policy from `reled export`.")],
+    dir: Annotated[Path, typer.Option("--dir", help="Where keys, broker and device state go.")],
+    devices: Annotated[int, typer.Option(help="Controllers to start (one per light of the policy).")] = 3,
+    deploy: Annotated[bool, typer.Option("--deploy", help="Deploy --policy to every controller, print the fleet's "
+                                                          "status and stop (instead of waiting).")] = False,
+) -> None:
+    """Start Mosquitto and one controller daemon per light of the policy, replaying synthetic detector data 10x
+    faster than real time, and leave them running until Ctrl-C (devices dev0, dev1, ... in group `local`; try
+    `reled-edge deploy --keys DIR/keys --broker-dir DIR/broker --devices DIR/devices --group local`)."""
+    from edge_runtime.fleet.local import up
+
+    code = up(policy, devices, dir, deploy)
+    if code:
+        raise typer.Exit(code)

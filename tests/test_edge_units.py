@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_runtime.deploy import DONE, FAILED, PENDING, Target, judge
-from edge_runtime.device_config import load_device_config
+from edge_runtime.device.device_config import load_device_config
+from edge_runtime.device.outbox import Outbox
 from edge_runtime.errors import RELEDError
 from edge_runtime.features import MAX_PHASES, feature_size
+from edge_runtime.fleet.deploy import DONE, FAILED, PENDING, Target, judge
 from edge_runtime.keys import KeyFolder
-from edge_runtime.outbox import Outbox
 from edge_runtime.protocol import Manifest, ProtocolError, decode_json, sign, verify
 from edge_runtime.rollouts import Batch, pack, unpack
 
@@ -68,7 +68,7 @@ def test_outbox_batches_resends_identically_and_deletes_only_on_ack(tmp_path):
     assert outbox.due() == first  # byte-identical resend: the collector can drop the copy
     batch = unpack(first[0][1])
     assert batch.epoch == outbox.epoch and batch.rows == 4
-    assert np.array_equal(batch.columns["decision"], [1, 2, 3, 4]) and batch.columns["obs"].shape == (4, 34)
+    assert np.array_equal(batch.columns["decision"], [1, 2, 3, 4]) and batch.columns["obs"].shape == (4, feature_size())
     assert not outbox.ack(outbox.epoch + 1, 1)  # another epoch's ack changes nothing
     assert outbox.ack(outbox.epoch, 1) and outbox.pending_rows() == 6
     assert outbox.seal(force=True) == 1
@@ -145,7 +145,7 @@ def test_shipped_device_files_and_profiles_load():
 def test_mosquitto_examples_match_the_template():
     from render_mosquitto_example import EXAMPLE_DIR, example_config
 
-    from edge_runtime.broker import acl_text
+    from edge_runtime.fleet.broker import acl_text
 
     assert (EXAMPLE_DIR / "mosquitto.conf.example").read_text() == example_config()
     assert (EXAMPLE_DIR / "acl.example").read_text() == acl_text()
@@ -164,7 +164,7 @@ def test_keys_init_is_safe_to_repeat(tmp_path):
 
 
 def test_deploy_judges_device_reports():
-    from edge_runtime.server import Model
+    from edge_runtime.fleet.server import Model
 
     model = Model(Path("m.onnx"), b"", "s" * 64, 5, "fp32", {})
     target = Target("d", "X", seq=10)
@@ -191,7 +191,8 @@ def test_edge_cli_errors_are_one_line(tmp_path):
 
 
 def test_edge_runtime_never_imports_torch_or_sumo():
-    code = ("import sys, edge_runtime.cli, edge_runtime.daemon, edge_runtime.deploy, edge_runtime.collector; "
+    code = ("import sys, edge_runtime.cli, edge_runtime.device.daemon, edge_runtime.fleet.deploy, "
+            "edge_runtime.fleet.collector, edge_runtime.fleet.local; "
             "bad = [m for m in ('torch', 'traci', 'libsumo', 'sumolib', 'trainer') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

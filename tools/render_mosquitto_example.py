@@ -1,13 +1,13 @@
 """Write firmware_configs/mosquitto/{mosquitto.conf,acl}.example from the template `reled-edge broker start` uses.
 
-Run after changing edge_runtime/broker.py; tests/test_edge_units.py fails while the examples are stale.
+Run after changing edge_runtime/fleet/broker.py; tests/test_edge_units.py fails while the examples are stale.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from edge_runtime.broker import acl_text, config_text
+from edge_runtime.fleet.broker import acl_text, config_text
 
 EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "firmware_configs" / "mosquitto"
 BROKER_DIR = Path("/var/lib/reled-broker")

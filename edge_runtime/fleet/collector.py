@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.fileio import atomic_path
+from edge_runtime.fleet.server import ServerLink
 from edge_runtime.mqtt import Message
 from edge_runtime.protocol import ProtocolError, device_of, device_topic, encode
 from edge_runtime.rollouts import batch_path, unpack
-from edge_runtime.server import ServerLink
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_runtime.device_config import DeviceConfig
+from edge_runtime.device.deploy_state import IN_PROGRESS, DeployState
+from edge_runtime.device.device_config import DeviceConfig
 from edge_runtime.errors import RELEDError
-from edge_runtime.server import Model, ServerLink
+from edge_runtime.fleet.server import Model, ServerLink
 
 DONE, FAILED, PENDING = "committed", "failed", "pending"
 
@@ -54,10 +55,10 @@ def judge(target: Target, model: Model, reported: dict[str, Any] | None) -> None
     state = reported.get("state", "?")
     if reported.get("desired_seq", 0) > target.seq:
         target.outcome, target.detail = FAILED, "superseded by a newer command"
-    elif active.get("sha256") == model.sha256 and state == "COMMITTED":
+    elif active.get("sha256") == model.sha256 and state == DeployState.COMMITTED:
         target.outcome, target.detail = DONE, f"policy v{model.policy_version} committed"
     elif reported.get("error_seq") == target.seq and reported.get("error") and \
-            state not in ("DOWNLOADING", "VERIFIED", "STAGED", "PROBATION"):
+            state not in IN_PROGRESS:
         target.outcome, target.detail = FAILED, reported["error"]
     else:
         job = reported.get("job") or {}
@@ -108,10 +109,10 @@ def rollback(server: ServerLink, device: str, timeout: float = 60.0) -> dict[str
     while time.monotonic() < deadline:
         server.pump(0.05)
         reported = server.reported.get(device) or {}
-        if reported.get("desired_seq", 0) >= seq and reported.get("state") == "ROLLED_BACK" \
+        if reported.get("desired_seq", 0) >= seq and reported.get("state") == DeployState.ROLLED_BACK \
                 and reported.get("error_seq") == seq:
             return reported
-        if reported.get("error_seq") == seq and reported.get("state") != "ROLLED_BACK":
+        if reported.get("error_seq") == seq and reported.get("state") != DeployState.ROLLED_BACK:
             raise RELEDError(f"{device} refused the rollback: {reported.get('error')}")
     raise RELEDError(f"{device} did not confirm the rollback within {timeout:g} s (is it online?)")
 

@@ -1,8 +1,9 @@
 """A fleet of real controllers on this machine: Mosquitto, key folder, device files, daemon processes.
 
-Tests and `tools/bench/edge_bench.py` build on it; run it by hand to try deployments without hardware:
+Tests and `tools/bench/edge_bench.py` build on it; `reled-edge fleet up` runs it by hand to try
+deployments without hardware:
 
-    .venv/bin/python tools/local_fleet.py --policy policy.onnx --devices 3 --dir /tmp/fleet
+    reled-edge fleet up --policy policy.onnx --devices 3 --dir /tmp/fleet
 
 starts a broker and one daemon per light of the policy (replaying synthetic detector data) and leaves
 them running until Ctrl-C (``--deploy``: deploys the policy, prints the status and stops). Meanwhile:
@@ -27,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.broker import BrokerInfo
+from edge_runtime.fileio import atomic_write_text
+from edge_runtime.fleet.broker import BrokerInfo
+from edge_runtime.fleet.server import ServerLink, server_address
 from edge_runtime.keys import KeyFolder
-from edge_runtime.server import ServerLink, server_address
 
 EDGE = [sys.executable, "-m", "edge_runtime"]
 
@@ -57,9 +59,13 @@ def toml_value(value: Any) -> str:
 
 @dataclass
 class LocalFleet:
+    """Broker, keys, device files and daemons under ``root``; :meth:`close` stops everything it started."""
+
     root: Path
     port: int = field(default_factory=free_port)
     daemons: dict[str, subprocess.Popen] = field(default_factory=dict)
+    background: list[subprocess.Popen] = field(default_factory=list)
+    observers: list[ServerLink] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.root = self.root.resolve()  # device files name absolute paths
@@ -84,8 +90,11 @@ class LocalFleet:
         return proc
 
     def edge_background(self, *args: str, log: Path) -> subprocess.Popen:
-        return subprocess.Popen(self._command(args), stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        """Start `reled-edge ARGS` without waiting (output to ``log``); :meth:`close` kills it if still running."""
+        with log.open("w") as out:
+            proc = subprocess.Popen(self._command(args), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.background.append(proc)
+        return proc
 
     def write_device(self, device: str, intersection: str, greens: list[str], replay_seed: int = 0,
                      groups: tuple[str, ...] = ("local",), **sections: dict[str, Any]) -> Path:
@@ -105,7 +114,7 @@ class LocalFleet:
         text = "".join(f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()) + "\n"
                        for name, values in body.items())
         path = self.devices / f"{device}.toml"
-        path.write_text(text)
+        atomic_write_text(path, text)
         return path
 
     def init_keys(self) -> None:
@@ -130,9 +139,9 @@ class LocalFleet:
         self.edge("broker", "stop", "--dir", str(self.broker_dir))
 
     def start_daemon(self, device: str) -> subprocess.Popen:
-        log = (self.root / f"{device}.daemon.log").open("a")
-        proc = subprocess.Popen([*EDGE, "daemon", "--config", str(self.devices / f"{device}.toml")],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with (self.root / f"{device}.daemon.log").open("a") as log:
+            proc = subprocess.Popen([*EDGE, "daemon", "--config", str(self.devices / f"{device}.toml")],
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.daemons[device] = proc
         return proc
 
@@ -145,20 +154,37 @@ class LocalFleet:
                 raise RuntimeError(f"daemon {device} exited with {proc.returncode}: {lines[-1]}")
 
     def kill_daemon(self, device: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` and wait for the daemon to exit (SIGKILL after 20 s if it does not)."""
         proc = self.daemons.pop(device)
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
-        proc.wait(timeout=20)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
 
     def state(self, device: str) -> dict[str, Any]:
         path = self.root / "state" / device / "state.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
     def observer(self, extra: list[str] | None = None) -> ServerLink:
+        """A server connection that records what the devices report (closed by :meth:`close`)."""
         keys = KeyFolder(self.keys)
-        return ServerLink(keys, server_address(keys, self.broker_dir, None, None), "observer", extra or []).start()
+        link = ServerLink(keys, server_address(keys, self.broker_dir, None, None), "observer", extra or []).start()
+        self.observers.append(link)
+        return link
 
     def close(self) -> None:
+        """Stop what this fleet started: observers, background commands, daemons, then the broker."""
+        for link in self.observers:
+            with contextlib.suppress(Exception):
+                link.close()
+        for proc in self.background:
+            if proc.poll() is None:
+                proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=20)
         for device in list(self.daemons):
             with contextlib.suppress(Exception):
                 self.kill_daemon(device, signal.SIGTERM)
@@ -180,20 +206,14 @@ def wait_for(predicate: Any, timeout: float, what: str, poll: Any = None) -> Any
     raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
 
 
-def main() -> None:
-    import argparse
-
+def up(policy: Path, devices: int, folder: Path, deploy: bool) -> int:
+    """`reled-edge fleet up`: one daemon per light of ``policy`` (at most ``devices``) on a fresh broker;
+    with ``deploy``, deploy the policy, print the fleet's status and stop, else run until Ctrl-C or SIGTERM.
+    Returns the exit code."""
     from edge_runtime.policy import OnnxPolicy
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--policy", type=Path, required=True, help="an ONNX policy from `reled export`")
-    parser.add_argument("--devices", type=int, default=3, help="controllers to start (one per light)")
-    parser.add_argument("--dir", type=Path, required=True, help="where keys, broker and device state go")
-    parser.add_argument("--deploy", action="store_true", help="deploy --policy to every controller, print the "
-                                                              "fleet's status and stop (instead of waiting)")
-    args = parser.parse_args()
-    tables = list(OnnxPolicy(args.policy).meta.phase_tables.items())[:args.devices]
-    fleet = LocalFleet(args.dir)
+    tables = list(OnnxPolicy(policy).meta.phase_tables.items())[:devices]
+    fleet = LocalFleet(folder)
     for k, (light, greens) in enumerate(tables):  # replayed 10x faster than real time: probation takes 10 s
         fleet.write_device(f"dev{k}", light, greens, replay_seed=k, runtime={"speed": 10.0},
                            probation={"decisions": 10})
@@ -204,21 +224,19 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`, systemd: still stop the fleet
     try:
         fleet.check_daemons()
-        if args.deploy:
-            for command in (("deploy", "--group", "local", "--model", str(args.policy), "--timeout", "120"),
+        if deploy:
+            for command in (("deploy", "--group", "local", "--model", str(policy), "--timeout", "120"),
                             ("status",)):
                 proc = fleet.edge(*command)
-                print(proc.stdout + proc.stderr, end="")
+                sys.stdout.write(proc.stdout + proc.stderr)
+                sys.stdout.flush()
                 if proc.returncode != 0:
-                    raise SystemExit(proc.returncode)
-            return
-        print(f"broker on 127.0.0.1:{fleet.port}, {len(tables)} controllers; Ctrl-C stops them")
+                    return proc.returncode
+            return 0
+        print(f"broker on 127.0.0.1:{fleet.port}, {len(tables)} controllers; Ctrl-C stops them", flush=True)
         signal.pause()
     except KeyboardInterrupt:
         pass
     finally:
         fleet.close()
-
-
-if __name__ == "__main__":
-    main()
+    return 0

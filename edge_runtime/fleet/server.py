@@ -7,7 +7,6 @@ device can refuse a replayed command without the server keeping per-device histo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import queue
 import time
@@ -15,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.broker import BrokerInfo
 from edge_runtime.errors import RELEDError
 from edge_runtime.features import SCHEMA_VERSION
-from edge_runtime.fileio import atomic_write_text
+from edge_runtime.fileio import atomic_write_text, sha256_bytes
+from edge_runtime.fleet.broker import BrokerInfo
 from edge_runtime.keys import KeyFolder
 from edge_runtime.mqtt import BrokerAddress, Link, Message
 from edge_runtime.policy import OnnxPolicy
@@ -67,7 +66,7 @@ class Model:
         policy = OnnxPolicy(path)  # refuses files that are not RELED policies for this schema
         data = path.read_bytes()
         meta = policy.meta
-        return cls(path, data, hashlib.sha256(data).hexdigest(), meta.policy_version, meta.precision,
+        return cls(path, data, sha256_bytes(data), meta.policy_version, meta.precision,
                    meta.phase_tables)
 
     def manifest(self, intersection: str, chunk_size: int, expires_in: float) -> Manifest:
@@ -77,7 +76,7 @@ class Model:
             known = ", ".join(sorted(self.phase_tables)[:6])
             raise RELEDError(f"{self.path} was not exported for intersection {intersection!r} (it knows {known}...): "
                              "export a policy trained on that intersection's scenario")
-        chunks = tuple(hashlib.sha256(self.data[i:i + chunk_size]).hexdigest()
+        chunks = tuple(sha256_bytes(self.data[i:i + chunk_size])
                        for i in range(0, len(self.data), chunk_size))
         return Manifest(sha256=self.sha256, size=len(self.data), chunk_size=chunk_size, chunks=chunks,
                         schema_version=SCHEMA_VERSION, intersection=intersection,
@@ -100,12 +99,10 @@ class ServerLink:
         self.chunks_served = 0
         subscriptions = ["reled/v1/dev/+/reported", "reled/v1/dev/+/status", "reled/v1/dev/+/events",
                          "reled/v1/dev/+/req/chunk", "reled/v1/dev/+/desired", *extra_subscriptions]
-        self.reconnects = 0
         self.link = Link(address, f"reled-server-{name}-{time.time_ns() % 10**9}", subscriptions,
                          on_connect=self._on_connect)
 
     def _on_connect(self) -> None:
-        self.reconnects += 1
         for device, payload in self.retained_commands.items():  # a restarted broker may have lost them
             self.link.publish(device_topic(device, "desired"), payload, retain=True)
 

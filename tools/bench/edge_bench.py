@@ -18,7 +18,7 @@ in < 5 s; daemon resident memory < 150 MB.
 4. Memory: resident set size of each daemon with its policy loaded.
 
     .venv/bin/python tools/bench/edge_bench.py                     # about 1 min
-    .venv/bin/python tools/bench/edge_bench.py --run runs/NAME --daemons 20 --json docs/bench_edge.json
+    .venv/bin/python tools/bench/edge_bench.py --run runs/NAME --daemons 20 --json docs/results/bench_edge.json
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import argparse
 import json
 import platform
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,15 +37,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from local_fleet import LocalFleet, wait_for
-
+from edge_runtime.features import MAX_PHASES, feature_size
 from edge_runtime.fileio import atomic_write_text
+from edge_runtime.fleet.local import LocalFleet, wait_for
+from edge_runtime.fleet.server import Model
 from edge_runtime.mqtt import BrokerAddress, Link
 from edge_runtime.policy import OnnxPolicy
 from edge_runtime.protocol import device_topic
 from edge_runtime.rollouts import Batch, pack
-from edge_runtime.server import Model
 from trainer.export import ExportRequest, export_policy, load_actor
 
 TARGETS = {"onnx_p99_ms": 1.0, "deploy_20_seconds": 5.0, "daemon_rss_mb": 150.0}
@@ -60,8 +58,8 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 
 def latency(fp32: Path, int8: Path, actor: torch.nn.Module, n: int) -> dict[str, dict[str, float]]:
     rng = np.random.default_rng(0)
-    obs = rng.gamma(2.0, 4.0, size=(n, 34)).astype(np.float32)
-    mask = np.zeros((n, 8), dtype=bool)
+    obs = rng.gamma(2.0, 4.0, size=(n, feature_size())).astype(np.float32)
+    mask = np.zeros((n, MAX_PHASES), dtype=bool)
     mask[:, :2] = True
     torch.set_num_threads(1)
     out: dict[str, dict[str, float]] = {}
@@ -90,8 +88,8 @@ def latency(fp32: Path, int8: Path, actor: torch.nn.Module, n: int) -> dict[str,
 
 
 def deploy_time(fleet: LocalFleet, model_path: Path, n: int) -> dict[str, float]:
-    from edge_runtime.deploy import DONE, deploy, select_devices
-    from edge_runtime.device_config import device_files
+    from edge_runtime.device.device_config import device_files
+    from edge_runtime.fleet.deploy import DONE, deploy, select_devices
 
     server = fleet.observer()
     try:
@@ -120,7 +118,7 @@ def rollout_rate(fleet: LocalFleet, batches: int, rows: int) -> dict[str, float]
         payloads = []
         for seq in range(1, batches + 1):
             columns = {"decision": np.arange(rows) + seq * rows, "time": np.arange(rows, dtype=float),
-                       "obs": rng.gamma(2.0, 4.0, (rows, 34)), "mask": np.ones((rows, 8), bool),
+                       "obs": rng.gamma(2.0, 4.0, (rows, feature_size())), "mask": np.ones((rows, MAX_PHASES), bool),
                        "action": rng.integers(0, 2, rows), "log_prob": rng.normal(size=rows),
                        "override": np.zeros(rows, bool), "reward": -rng.poisson(5, rows), "source": np.zeros(rows),
                        "policy_version": np.ones(rows)}
