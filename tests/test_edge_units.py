@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +15,13 @@ from edge_runtime.device.device_config import load_device_config
 from edge_runtime.device.outbox import Outbox
 from edge_runtime.errors import RELEDError
 from edge_runtime.features import MAX_PHASES, feature_size
+from edge_runtime.fleet.broker import acl_text
 from edge_runtime.fleet.deploy import DONE, FAILED, PENDING, Target, judge
 from edge_runtime.keys import KeyFolder
 from edge_runtime.protocol import Manifest, ProtocolError, decode_json, sign, verify
 from edge_runtime.rollouts import Batch, pack, unpack
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 def test_signed_documents_verify_and_any_change_breaks_them():
@@ -143,12 +144,10 @@ def test_shipped_device_files_and_profiles_load():
 
 
 def test_mosquitto_examples_match_the_template():
-    from render_mosquitto_example import EXAMPLE_DIR, example_config
-
-    from edge_runtime.fleet.broker import acl_text
-
-    assert (EXAMPLE_DIR / "mosquitto.conf.example").read_text() == example_config()
-    assert (EXAMPLE_DIR / "acl.example").read_text() == acl_text()
+    tool = runpy.run_path(str(ROOT / "tools" / "render_mosquitto_example.py"))  # its functions, not its __main__
+    example_dir = tool["EXAMPLE_DIR"]
+    assert (example_dir / "mosquitto.conf.example").read_text() == tool["example_config"]()
+    assert (example_dir / "acl.example").read_text() == acl_text()
 
 
 def test_keys_init_is_safe_to_repeat(tmp_path):
