@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import queue
 import signal
 import tempfile
 import time
@@ -112,34 +113,52 @@ def rollout_rate(fleet: LocalFleet, batches: int, rows: int) -> dict[str, float]
     password = (fleet.keys / "credentials" / "dev0.secret").read_text().strip()
     link = Link(BrokerAddress("127.0.0.1", fleet.port, "dev0", password), "bench-dev0",
                 [device_topic("dev0", "rollouts/ack")]).start()
+    acked: dict[int, set[int]] = {}  # epoch -> acknowledged seqs
+
+    def take_acks(wait: float) -> None:
+        try:
+            message = link.inbox.get(timeout=wait)
+        except queue.Empty:
+            return
+        ack = json.loads(message.payload)
+        acked.setdefault(ack["epoch"], set()).add(ack["seq"])
+
     try:
-        time.sleep(1.5)  # the collector connects
         rng = np.random.default_rng(0)
-        payloads = []
-        for seq in range(1, batches + 1):
+
+        def batch(epoch: int, seq: int) -> bytes:
             columns = {"decision": np.arange(rows) + seq * rows, "time": np.arange(rows, dtype=float),
                        "obs": rng.gamma(2.0, 4.0, (rows, feature_size())), "mask": np.ones((rows, MAX_PHASES), bool),
                        "action": rng.integers(0, 2, rows), "log_prob": rng.normal(size=rows),
                        "override": np.zeros(rows, bool), "reward": -rng.poisson(5, rows), "source": np.zeros(rows),
                        "policy_version": np.ones(rows)}
-            payloads.append(pack(Batch("dev0", 99, seq, columns)))
+            return pack(Batch("dev0", epoch, seq, columns))
+
+        payloads = [batch(99, seq) for seq in range(1, batches + 1)]
+        # the collector is listening once it acknowledges a warm-up batch (epoch 98, not timed)
+        warm_up, resend_at = batch(98, 1), 0.0
+
+        def collector_ready() -> bool:
+            nonlocal resend_at
+            if time.monotonic() >= resend_at:
+                link.publish(device_topic("dev0", "rollouts"), warm_up)
+                resend_at = time.monotonic() + 1.0
+            return bool(acked.get(98))
+        wait_for(collector_ready, 120, "the collector to acknowledge a batch", poll=lambda: take_acks(0.1))
         start = time.monotonic()
         for payload in payloads:
             link.publish(device_topic("dev0", "rollouts"), payload)
-        acked = set()
         deadline = time.monotonic() + 120
-        while len(acked) < batches and time.monotonic() < deadline:
-            try:
-                acked.add(json.loads(link.inbox.get(timeout=0.5).payload)["seq"])
-            except Exception:  # queue.Empty while waiting
-                continue
+        while len(acked.get(99, ())) < batches and time.monotonic() < deadline:
+            take_acks(0.5)
         seconds = time.monotonic() - start
     finally:
         link.close()
         collector.send_signal(signal.SIGTERM)
         collector.wait(timeout=20)
-    return {"batches": batches, "rows_per_batch": rows, "acked": len(acked), "seconds": seconds,
-            "rows_per_second": len(acked) * rows / seconds,
+    done = len(acked.get(99, ()))
+    return {"batches": batches, "rows_per_batch": rows, "acked": done, "seconds": seconds,
+            "rows_per_second": done * rows / seconds,
             "bytes_per_row": float(np.mean([len(p) for p in payloads])) / rows}
 
 
