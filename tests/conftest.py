@@ -1,17 +1,215 @@
-"""Test-wide setup: RELED's user data goes to a temp folder, never to the developer's home."""
+"""Test-wide setup and fixtures.
+
+RELED's user data goes to a temp folder, never to the developer's home. The CLI fixtures run `reled`
+as users do (a subprocess) and check the one-line errors every bad input must get. ``wait_until`` is how
+a test waits for something that happens in another process (never sample once and hope), and ``spawn``
+starts processes that are killed with all their children when the test ends, passed or failed.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 
 _HOME = Path(tempfile.mkdtemp(prefix="reled-test-home-"))
 os.environ["RELED_HOME"] = str(_HOME)
 
+RELED_COMMAND = [sys.executable, "-m", "trainer"]
+
 
 @pytest.fixture(scope="session")
 def reled_home() -> Path:
     return _HOME
+
+
+@pytest.fixture(scope="session")
+def reled_command() -> list[str]:
+    """The `reled` command line (the module entry point of this interpreter, so the venv is used)."""
+    return list(RELED_COMMAND)
+
+
+@pytest.fixture(scope="session")
+def reled() -> Callable[..., subprocess.CompletedProcess]:
+    """Run `reled ARGS...` to completion and return the finished process (text output captured)."""
+    def run(*args: str, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run([*RELED_COMMAND, *args], capture_output=True, text=True, timeout=600, **kw)
+    return run
+
+
+@pytest.fixture(scope="session")
+def assert_one_line_error() -> Callable[..., None]:
+    """Check a refused command: exit code 2 and exactly one `error:` line holding every needle."""
+    def check(proc: subprocess.CompletedProcess, *needles: str) -> None:
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+        for needle in needles:
+            assert needle in lines[0], lines[0]
+    return check
+
+
+@pytest.fixture(scope="session")
+def wait_until() -> Callable[..., Any]:
+    """``wait_until(condition, timeout, what)``: poll until ``condition()`` is truthy and return its value;
+    fail naming ``what`` after ``timeout`` seconds."""
+    def wait(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = condition()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+            time.sleep(interval)
+    return wait
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen]]:
+    """``spawn(cmd, **popen_kwargs)``: a Popen whose whole process tree is killed at teardown."""
+    started: list[subprocess.Popen] = []
+
+    def start(cmd: list[str], **kw: Any) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, **kw)
+        started.append(proc)
+        return proc
+    yield start
+    for proc in started:
+        try:
+            tree = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(tree, timeout=10)
+        if proc.poll() is None:
+            proc.wait(timeout=10)
+
+
+# --- edge fleet fixtures ---
+from dataclasses import dataclass  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:
+    from edge_runtime.fleet.local import LocalFleet
+    from edge_runtime.fleet.server import Model, ServerLink
+
+# Real Mosquitto brokers on free 127.0.0.1 ports and real daemon processes; every fixture stops what it
+# started at teardown, also when the test fails. Edge modules are imported inside the fixtures so the
+# trainer's tests do not load them.
+
+FLEET_LIGHTS = {"dev0": 0, "dev1": 1, "dev2": 2, "dev3": 3}  # device -> index of its light in the policy
+FLEET_FAST = {"runtime": {"decision_seconds": 1.0, "speed": 20.0},
+              "probation": {"decisions": 10},
+              "download": {"kbps": 8.0, "chunk_timeout": 1.0},
+              "security": {"max_model_bytes": 1_000_000},
+              # the daemons, the broker and pytest share this machine's 2 cores: a scheduling stall of a few ms is
+              # not the policy's fault (a street controller has its CPU to itself and keeps the 5 ms default)
+              "inference": {"latency_budget_ms": 50.0}}
+FLEET_ROLLOUTS = {"runtime": {"decision_seconds": 1.0, "speed": 500.0, "max_decisions": 10_000},
+                  "rollouts": {"batch_rows": 250, "flush_seconds": 0.5, "resend_seconds": 3.0}}
+
+
+@dataclass
+class FleetUnderTest:
+    """A started local fleet with the policies the tests deploy and a server connection that watches it."""
+
+    local: LocalFleet
+    models: dict[int, Model]  # policy version -> exported grid2x2 model
+    lights: list[str]  # the policy's lights, sorted; device devK runs lights[K]
+    link: ServerLink
+
+    def pump(self) -> None:
+        self.link.pump(0.05)
+
+    def wait(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+        """Wait for ``predicate()`` while taking in what the devices publish."""
+        from edge_runtime.fleet.local import wait_for
+
+        return wait_for(predicate, timeout, what, poll=self.pump)
+
+    def reported(self, device: str) -> dict[str, Any]:
+        return self.link.reported.get(device, {})
+
+    def active_sha(self, device: str) -> str | None:
+        return (self.reported(device).get("active") or {}).get("sha256")
+
+    def wait_event(self, device: str, needle: str, timeout: float = 30.0) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            return next((e for e in self.link.events.get(device, []) if needle in e["detail"]), None)
+
+        return self.wait(found, timeout, f"an event on {device} saying {needle!r}")
+
+    def deploy(self, version: int, *devices: str, timeout: float = 120) -> None:
+        """Deploy policy ``version`` to ``devices`` through the CLI and wait until they all report it active."""
+        args = [a for d in devices for a in ("--device", d)]
+        proc = self.local.edge("deploy", *args, "--model", str(self.models[version].path), "--timeout",
+                               str(timeout), timeout=timeout + 60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        sha = self.models[version].sha256
+        self.wait(lambda: all(self.active_sha(d) == sha for d in devices), 30, f"v{version} active on {devices}")
+
+
+@pytest.fixture
+def local_fleet(tmp_path: Path) -> Iterator[LocalFleet]:
+    """An empty local fleet in this test's folder (the broker gets a free 127.0.0.1 port); stopped at teardown."""
+    from edge_runtime.fleet.local import LocalFleet
+
+    fleet = LocalFleet(tmp_path / "fleet")
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+
+
+def export_policy(out: Path, version: int, seed: int) -> Model:
+    """`reled export` of a fresh grid2x2 actor, as a user runs it."""
+    from edge_runtime.fleet.server import Model
+
+    proc = subprocess.run([*RELED_COMMAND, "export", "--scenario", "grid2x2", "--out", str(out), "--policy-version",
+                           str(version), "--seed", str(seed), "--holdout-decisions", "20"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return Model.load(out)
+
+
+@pytest.fixture(scope="session")
+def fleet_models(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Model]:
+    """Policies v1, v2 and v3 of grid2x2 (different seeds, so different files), exported once per session."""
+    root = tmp_path_factory.mktemp("fleet-models")
+    return {v: export_policy(root / f"v{v}.onnx", v, seed=v) for v in (1, 2, 3)}
+
+
+@pytest.fixture
+def edge_fleet(local_fleet: LocalFleet, fleet_models: dict[int, Model]) -> Callable[..., FleetUnderTest]:
+    """``edge_fleet("dev0", ...)``: device files for dev0..dev3 (dev0-2 in group `test` with fast settings, dev3 in
+    group `rollouts`), keys, a broker, and daemons for the named devices, each waited for until it reports."""
+
+    def start(*running: str) -> FleetUnderTest:
+        tables = fleet_models[1].phase_tables
+        lights = sorted(tables)
+        for device, k in FLEET_LIGHTS.items():
+            rollouts = device == "dev3"
+            local_fleet.write_device(device, lights[k], tables[lights[k]], replay_seed=k,
+                                     groups=("rollouts",) if rollouts else ("test",),
+                                     **(FLEET_ROLLOUTS if rollouts else FLEET_FAST))
+        local_fleet.init_keys()
+        local_fleet.start_broker()
+        fleet = FleetUnderTest(local_fleet, fleet_models, lights, local_fleet.observer())
+        for device in running:
+            local_fleet.start_daemon(device)
+        fleet.wait(lambda: all(d in fleet.link.reported for d in running), 60, f"{running} reporting")
+        return fleet
+
+    return start

@@ -1,15 +1,13 @@
-"""The fleet for real: Mosquitto on loopback, 3 controller daemons (processes), signed deploys over MQTT.
+"""The fleet for real: Mosquitto on loopback, controller daemons (processes), signed deploys over MQTT.
 
-The tests share one fleet and run in file order: each leaves the devices in a state it states.
+Each test starts its own fleet (the ``edge_fleet`` fixture in conftest.py: device files, keys, broker,
+the daemons it names) and deploys what it needs first, so any one of them runs alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,33 +17,18 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper
 
+from edge_runtime.device.deploy_state import DeployState
 from edge_runtime.errors import RELEDError
-from edge_runtime.features import MAX_PHASES, feature_size
+from edge_runtime.features import MAX_PHASES, QUEUE_AT, feature_size
+from edge_runtime.fileio import sha256_file
+from edge_runtime.fleet.local import wait_for
+from edge_runtime.fleet.server import next_seq
 from edge_runtime.mqtt import BrokerAddress, Link
 from edge_runtime.policy import PolicyMetadata, SelfTest
 from edge_runtime.protocol import device_topic, sign
-from edge_runtime.server import Model
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from local_fleet import LocalFleet, wait_for
 
 pytestmark = pytest.mark.slow
 DEVICES = ("dev0", "dev1", "dev2")
-FAST = {"runtime": {"decision_seconds": 1.0, "speed": 20.0},
-        "probation": {"decisions": 10},
-        "download": {"kbps": 8.0, "chunk_timeout": 1.0},
-        "security": {"max_model_bytes": 1_000_000},
-        # 4 daemons, the broker and pytest share this machine's 2 cores: a scheduling stall of a few ms is not the
-        # policy's fault (a street controller has its CPU to itself and keeps the 5 ms default)
-        "inference": {"latency_budget_ms": 50.0}}
-
-
-def export(out: Path, version: int, seed: int) -> Model:
-    proc = subprocess.run([sys.executable, "-m", "trainer", "export", "--scenario", "grid2x2", "--out", str(out),
-                           "--policy-version", str(version), "--seed", str(seed), "--holdout-decisions", "20"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return Model.load(out)
 
 
 def failing_model(path: Path, tables: dict[str, list[str]], version: int) -> Path:
@@ -55,7 +38,8 @@ def failing_model(path: Path, tables: dict[str, list[str]], version: int) -> Pat
     mask = helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", MAX_PHASES])
     logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", MAX_PHASES])
     action = helper.make_tensor_value_info("action", TensorProto.INT64, ["batch"])
-    consts = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in (("s", 0), ("e", MAX_PHASES), ("a", 1))]
+    consts = [helper.make_tensor(n, TensorProto.INT64, [1], [v])
+              for n, v in (("s", QUEUE_AT), ("e", QUEUE_AT + MAX_PHASES), ("a", 1))]
     consts += [helper.make_tensor("offset", TensorProto.FLOAT, [], [1000.0]),
                helper.make_tensor("masked", TensorProto.FLOAT, [], [-1e9])]
     nodes = [helper.make_node("Slice", ["obs", "s", "e", "a"], ["queue"]),
@@ -66,10 +50,11 @@ def failing_model(path: Path, tables: dict[str, list[str]], version: int) -> Pat
     graph = helper.make_graph(nodes, "failing", [obs, mask], [logits, action], initializer=consts)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     test_obs = np.zeros((4, feature_size()), dtype=np.float32)
-    test_obs[:, :MAX_PHASES] = np.arange(1002, 1002 + MAX_PHASES)
+    queue = slice(QUEUE_AT, QUEUE_AT + MAX_PHASES)
+    test_obs[:, queue] = np.arange(1002, 1002 + MAX_PHASES)
     test_mask = np.zeros((4, MAX_PHASES), dtype=bool)
     test_mask[:, :2] = True
-    expected = np.where(test_mask, np.log(test_obs[:, :MAX_PHASES] - 1000), -1e9).astype(np.float32)
+    expected = np.where(test_mask, np.log(test_obs[:, queue] - 1000), -1e9).astype(np.float32)
     meta = PolicyMetadata(1, feature_size(), MAX_PHASES, version, "fp32", "grid2x2", tables,
                           SelfTest(test_obs.tolist(), test_mask.tolist(), expected.tolist(),
                                    expected.argmax(1).tolist(), 1e-3))
@@ -78,59 +63,19 @@ def failing_model(path: Path, tables: dict[str, list[str]], version: int) -> Pat
     return path
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fleet")
-    models = {v: export(root / f"v{v}.onnx", v, seed=v) for v in (1, 2, 3)}
-    tables = models[1].phase_tables
-    lights = sorted(tables)
-    f = LocalFleet(root)
-    for k, device in enumerate(DEVICES):
-        f.write_device(device, lights[k], tables[lights[k]], replay_seed=k, groups=("test",), **FAST)
-    f.write_device("dev3", lights[3], tables[lights[3]], replay_seed=3, groups=("rollouts",),
-                   runtime={"decision_seconds": 1.0, "speed": 500.0, "max_decisions": 10_000},
-                   rollouts={"batch_rows": 250, "flush_seconds": 0.5, "resend_seconds": 3.0})
-    f.init_keys()
-    f.start_broker()
-    observer = None
-    try:
-        for device in DEVICES:
-            f.start_daemon(device)
-        observer = f.observer()
-        f.models, f.tables, f.lights, f.link = models, tables, lights, observer
-        yield f
-    finally:
-        if observer is not None:
-            observer.close()
-        f.close()
-
-
-def reported(fleet, device: str) -> dict:
-    return fleet.link.reported.get(device, {})
-
-
-def active_sha(fleet, device: str) -> str | None:
-    return (reported(fleet, device).get("active") or {}).get("sha256")
-
-
-def wait_event(fleet, device: str, needle: str, timeout: float = 20.0) -> dict:
-    def found():
-        return next((e for e in fleet.link.events.get(device, []) if needle in e["detail"]), None)
-
-    return wait_for(found, timeout, f"an event on {device} saying {needle!r}", poll=lambda: fleet.link.pump(0.05))
-
-
-def test_deploy_commits_on_all_three(fleet):
-    proc = fleet.edge("deploy", "--group", "test", "--model", str(fleet.root / "v1.onnx"), timeout=120)
+def test_deploy_commits_on_all_three(edge_fleet):
+    fleet = edge_fleet(*DEVICES)
+    proc = fleet.local.edge("deploy", "--group", "test", "--model", str(fleet.models[1].path), timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3/3 committed" in proc.stdout
     sha = fleet.models[1].sha256
-    wait_for(lambda: all(active_sha(fleet, d) == sha for d in DEVICES), 10, "v1 active everywhere",
-             poll=lambda: fleet.link.pump(0.05))
+    fleet.wait(lambda: all(fleet.active_sha(d) == sha for d in DEVICES), 30, "v1 active everywhere")
+    fleet.wait(lambda: all(fleet.reported(d).get("mode") == "policy" for d in DEVICES), 30,
+               "every device deciding with its policy")
     for device in DEVICES:
-        rep = reported(fleet, device)
-        assert rep["state"] == "COMMITTED" and rep["mode"] == "policy" and rep["high_water"] == 1
-    status = fleet.edge("status")
+        rep = fleet.reported(device)
+        assert rep["state"] == DeployState.COMMITTED and rep["high_water"] == 1
+    status = fleet.local.edge("status")
     assert status.returncode == 0 and status.stdout.count("COMMITTED") == 3, status.stdout
 
 
@@ -138,23 +83,22 @@ def refusal(fleet, payload: bytes, needle: str, device: str = "dev0") -> None:
     """Publish a command as the server would; the device must refuse it and keep policy v1."""
     fleet.link.events.pop(device, None)
     fleet.link.link.publish(device_topic(device, "desired"), payload, retain=True).wait_for_publish(5)
-    event = wait_event(fleet, device, needle)
+    event = fleet.wait_event(device, needle)
     assert event["kind"] in ("refused", "failed")
     fleet.link.pump(0.5)
-    assert active_sha(fleet, device) == fleet.models[1].sha256
-    wait_for(lambda: reported(fleet, device).get("mode") == "policy", 10, f"{device} deciding with its policy",
-             poll=lambda: fleet.link.pump(0.05))
+    assert fleet.active_sha(device) == fleet.models[1].sha256
+    fleet.wait(lambda: fleet.reported(device).get("mode") == "policy", 30, f"{device} deciding with its policy")
 
 
 def signed(fleet, document: dict, key=None) -> bytes:
-    from edge_runtime.server import next_seq
-
     body = {**document, "device": document.get("device", "dev0"), "seq": next_seq(fleet.link.keys),
             "issued": time.time()}
     return sign(body, key or fleet.link.keys.signing_key())
 
 
-def test_bad_commands_are_refused_and_the_active_model_stays(fleet):
+def test_bad_commands_are_refused_and_the_active_model_stays(edge_fleet):
+    fleet = edge_fleet("dev0")
+    fleet.deploy(1, "dev0")
     v2 = fleet.models[2]
     own = v2.manifest(fleet.lights[0], 65536, 3600).to_dict()
     refusal(fleet, b"{this is not json", "malformed JSON")
@@ -173,146 +117,163 @@ def test_bad_commands_are_refused_and_the_active_model_stays(fleet):
     refusal(fleet, stale, "replayed command")
 
 
-def test_a_tampered_chunk_is_refused(fleet):
+def test_a_tampered_chunk_is_refused(edge_fleet):
+    fleet = edge_fleet("dev0")
+    fleet.deploy(1, "dev0")
     v2 = fleet.models[2]
     tampered = bytearray(v2.data)
     tampered[len(tampered) // 2] ^= 0xFF
     fleet.link.serve(dataclasses.replace(v2, data=bytes(tampered)), 1024)  # sha256 still names the real model
     fleet.link.events.pop("dev0", None)
     fleet.link.command("dev0", {"kind": "deploy", "manifest": v2.manifest(fleet.lights[0], 1024, 3600).to_dict()})
-    wait_event(fleet, "dev0", "failed its hash check")
-    wait_event(fleet, "dev0", "deployment abandoned")
-    fleet.link.pump(0.5)
-    rep = reported(fleet, "dev0")
-    assert rep["state"] == "FAILED" and active_sha(fleet, "dev0") == fleet.models[1].sha256
+    fleet.wait_event("dev0", "failed its hash check")
+    fleet.wait_event("dev0", "deployment abandoned")
+    rep = fleet.wait(lambda: fleet.reported("dev0").get("state") == DeployState.FAILED and fleet.reported("dev0"),
+                     30, "dev0 reporting FAILED")
+    assert fleet.active_sha("dev0") == fleet.models[1].sha256
     assert rep["high_water"] == 1  # a model that never verified does not move the anti-rollback mark
-    fleet.link.models.clear()
 
 
-def test_a_broker_killed_mid_transfer_still_ends_in_a_commit(fleet):
+def test_a_broker_killed_mid_transfer_still_ends_in_a_commit(edge_fleet):
+    fleet = edge_fleet(*DEVICES)
+    fleet.deploy(1, *DEVICES)
     v2 = fleet.models[2]
-    deploy = fleet.edge_background("deploy", "--group", "test", "--model", str(fleet.root / "v2.onnx"),
-                                   "--chunk-size", "1024", "--timeout", "120", log=fleet.root / "deploy-v2.log")
-    try:
-        def downloading():
-            job = (reported(fleet, "dev1").get("job") or {})
-            return job.get("sha256") == v2.sha256 and 3 <= job.get("chunks_have", 0) < job["chunks_total"] - 5
-        wait_for(downloading, 30, "dev1 part-way through the download", poll=lambda: fleet.link.pump(0.05))
-        fleet.kill_broker()
-        time.sleep(1.0)
-        fleet.start_broker()
-        assert deploy.wait(timeout=150) == 0, (fleet.root / "deploy-v2.log").read_text()
-    finally:
-        deploy.kill()
-    assert "3/3 committed" in (fleet.root / "deploy-v2.log").read_text()
-    wait_for(lambda: all(active_sha(fleet, d) == v2.sha256 for d in DEVICES), 20, "v2 active everywhere",
-             poll=lambda: fleet.link.pump(0.05))
+    log = fleet.local.root / "deploy-v2.log"
+    deploy = fleet.local.edge_background("deploy", "--group", "test", "--model", str(v2.path), "--chunk-size", "1024",
+                                         "--timeout", "120", log=log)
+
+    def downloading():
+        job = (fleet.reported("dev1").get("job") or {})
+        return job.get("sha256") == v2.sha256 and 3 <= job.get("chunks_have", 0) < job["chunks_total"] - 5
+    fleet.wait(downloading, 30, "dev1 part-way through the download")
+    fleet.local.kill_broker()
+    time.sleep(1.0)  # the devices and the deploy lose the broker for a while
+    fleet.local.start_broker()
+    assert deploy.wait(timeout=150) == 0, log.read_text()
+    assert "3/3 committed" in log.read_text()
+    fleet.wait(lambda: all(fleet.active_sha(d) == v2.sha256 for d in DEVICES), 30, "v2 active everywhere")
 
 
-def test_a_daemon_killed_mid_download_resumes_and_commits(fleet):
+def test_a_daemon_killed_mid_download_resumes_and_commits(edge_fleet):
+    fleet = edge_fleet("dev1")
+    fleet.deploy(1, "dev1")
     v3 = fleet.models[3]
-    deploy = fleet.edge_background("deploy", "--device", "dev1", "--model", str(fleet.root / "v3.onnx"),
-                                   "--chunk-size", "1024", "--timeout", "120", log=fleet.root / "deploy-v3.log")
-    try:
-        def part_way():
-            job = fleet.state("dev1").get("job") or {}
-            have = sum(job.get("have", []))
-            return job.get("manifest", {}).get("sha256") == v3.sha256 and 5 <= have < len(job["have"]) - 5 and have
-        have_at_kill = wait_for(part_way, 30, "dev1 part-way through the download")
-        fleet.kill_daemon("dev1", signal.SIGKILL)
-        saved = fleet.state("dev1")
-        assert saved["state"] == "DOWNLOADING" and sum(saved["job"]["have"]) >= have_at_kill
-        fleet.start_daemon("dev1")
-        assert deploy.wait(timeout=150) == 0, (fleet.root / "deploy-v3.log").read_text()
-    finally:
-        deploy.kill()
-    log = (fleet.root / "dev1.daemon.log").read_text()
-    assert log.count("downloading: policy v3") == 1  # resumed from the saved chunks, not started over
-    assert fleet.state("dev1")["active"]["sha256"] == v3.sha256
+    log = fleet.local.root / "deploy-v3.log"
+    deploy = fleet.local.edge_background("deploy", "--device", "dev1", "--model", str(v3.path), "--chunk-size",
+                                         "1024", "--timeout", "120", log=log)
+
+    def part_way():
+        job = fleet.local.state("dev1").get("job") or {}
+        have = sum(job.get("have", []))
+        return job.get("manifest", {}).get("sha256") == v3.sha256 and 5 <= have < len(job["have"]) - 5 and have
+    have_at_kill = fleet.wait(part_way, 30, "dev1 part-way through the download")
+    fleet.local.kill_daemon("dev1", signal.SIGKILL)
+    saved = fleet.local.state("dev1")
+    assert saved["state"] == DeployState.DOWNLOADING and sum(saved["job"]["have"]) >= have_at_kill
+    fleet.local.start_daemon("dev1")
+    assert deploy.wait(timeout=150) == 0, log.read_text()
+    daemon_log = (fleet.local.root / "dev1.daemon.log").read_text()
+    assert daemon_log.count("downloading: policy v3") == 1  # resumed from the saved chunks, not started over
+    assert fleet.local.state("dev1")["active"]["sha256"] == v3.sha256
 
 
-def test_devices_cannot_touch_each_others_topics(fleet):
-    password = (fleet.keys / "credentials" / "dev0.secret").read_text().strip()
-    address = BrokerAddress("127.0.0.1", fleet.port, "dev0", password)
+def test_devices_cannot_touch_each_others_topics(edge_fleet):
+    fleet = edge_fleet("dev0", "dev1")
+    password = (fleet.local.keys / "credentials" / "dev0.secret").read_text().strip()
+    address = BrokerAddress("127.0.0.1", fleet.local.port, "dev0", password)
     spy = Link(address, "spy-dev0", ["reled/v1/dev/dev1/#", "reled/v1/dev/+/rollouts", "reled/v1/dev/+/reported"])
-    watcher = fleet.observer(["reled/v1/models/#", "reled/v1/dev/+/hil/#"])
-    heard: list[str] = []
-    forged: list[str] = []
+    watcher = fleet.local.observer(["reled/v1/models/#", "reled/v1/dev/+/hil/#"])
+    heard: list[tuple[str, bytes]] = []
+
+    def listen() -> None:
+        watcher.pump(0.1, on_message=lambda m: heard.append((m.topic, m.payload)))
+
+    def topics() -> set[str]:
+        return {topic for topic, _ in heard}
+
     try:
-        time.sleep(0.3)
+        # the watcher's subscriptions are in place once it receives the retained reports
+        wait_for(lambda: device_topic("dev1", "reported") in topics(), 30, "the watcher's subscriptions", poll=listen)
         spy.start()
         spy.publish(device_topic("dev1", "desired"), b"forged").wait_for_publish(5)
         spy.publish(device_topic("dev1", "hil/act"), b"forged").wait_for_publish(5)
         spy.publish("reled/v1/models/" + "0" * 64 + "/chunk/0", b"forged").wait_for_publish(5)
         spy.publish(device_topic("dev0", "hil/act"), b"own").wait_for_publish(5)
+        # a device may publish in its own subtree: the server hears it after everything dev0 published before
+        wait_for(lambda: device_topic("dev0", "hil/act") in topics(), 30, "dev0's own message", poll=listen)
+        seen: list[str] = []
+
+        def spy_heard() -> bool:
+            while not spy.inbox.empty():
+                seen.append(spy.inbox.get().topic)
+            return bool(seen)
+        fleet.wait(spy_heard, 30, "the spy's own retained report")
         end = time.monotonic() + 2.5  # dev1 reports every second and streams rollouts meanwhile
         while time.monotonic() < end:
-            watcher.pump(0.1, on_message=lambda m: heard.append(m.topic))
-        seen = []
-        while not spy.inbox.empty():
-            seen.append(spy.inbox.get().topic)
-        assert seen and all(t.startswith("reled/v1/dev/dev0/") for t in seen), seen  # its own report only
-        assert device_topic("dev0", "hil/act") in heard  # a device may publish in its own subtree ...
-        assert device_topic("dev1", "reported") in heard  # ... the server hears dev1 ...
-        assert not forged, forged  # ... but nothing dev0 forged for dev1 or the model store arrived
+            listen()
+        spy_heard()
+        assert all(t.startswith("reled/v1/dev/dev0/") for t in seen), seen  # its own report only
+        forged = [topic for topic, payload in heard if payload == b"forged"]
+        assert not forged, forged  # nothing dev0 forged for dev1 or the model store arrived
     finally:
         spy.close()
         watcher.close()
     with pytest.raises(RELEDError, match="could not connect"):
-        Link(BrokerAddress("127.0.0.1", fleet.port, "dev1", password), "impostor", []).start(timeout=3)
+        Link(BrokerAddress("127.0.0.1", fleet.local.port, "dev1", password), "impostor", []).start(timeout=3)
     with pytest.raises(RELEDError, match="could not connect"):
-        Link(BrokerAddress("127.0.0.1", fleet.port, "", ""), "anonymous", []).start(timeout=3)
+        Link(BrokerAddress("127.0.0.1", fleet.local.port, "", ""), "anonymous", []).start(timeout=3)
 
 
-def test_a_failing_model_rolls_back_to_the_previous_one(fleet):
-    path = failing_model(fleet.root / "failing.onnx", fleet.tables, version=10)
-    before = active_sha(fleet, "dev2")
+def test_a_failing_model_rolls_back_to_the_previous_one(edge_fleet):
+    fleet = edge_fleet("dev2")
+    fleet.deploy(1, "dev2")
+    fleet.deploy(2, "dev2")
+    path = failing_model(fleet.local.root / "failing.onnx", fleet.models[1].phase_tables, version=10)
+    before = fleet.active_sha("dev2")
     assert before == fleet.models[2].sha256
-    proc = fleet.edge("deploy", "--device", "dev2", "--model", str(path), timeout=120)
+    proc = fleet.local.edge("deploy", "--device", "dev2", "--model", str(path), timeout=180)
     assert proc.returncode == 1 and "probation failed" in proc.stdout, proc.stdout + proc.stderr
-    fleet.link.pump(0.5)
-    rep = reported(fleet, "dev2")
-    assert rep["state"] == "ROLLED_BACK" and active_sha(fleet, "dev2") == before
-    wait_for(lambda: reported(fleet, "dev2").get("mode") == "policy", 10, "dev2 deciding with its previous policy",
-             poll=lambda: fleet.link.pump(0.05))
-    assert not (fleet.root / "state" / "dev2" / "models" / f"{hashlib.sha256(path.read_bytes()).hexdigest()}.onnx"
-                ).exists()
+    fleet.wait(lambda: fleet.reported("dev2").get("state") == DeployState.ROLLED_BACK, 30, "dev2 reporting ROLLED_BACK")
+    assert fleet.active_sha("dev2") == before
+    fleet.wait(lambda: fleet.reported("dev2").get("mode") == "policy", 30, "dev2 deciding with its previous policy")
+    assert not (fleet.local.root / "state" / "dev2" / "models" / f"{sha256_file(path)}.onnx").exists()
 
 
-def test_rollback_command_returns_to_the_previous_model(fleet):
-    assert active_sha(fleet, "dev0") == fleet.models[2].sha256
-    proc = fleet.edge("rollback", "--device", "dev0")
+def test_rollback_command_returns_to_the_previous_model(edge_fleet):
+    fleet = edge_fleet("dev0")
+    fleet.deploy(1, "dev0")
+    fleet.deploy(2, "dev0")
+    assert fleet.active_sha("dev0") == fleet.models[2].sha256
+    proc = fleet.local.edge("rollback", "--device", "dev0")
     assert proc.returncode == 0 and "policy v1" in proc.stdout, proc.stdout + proc.stderr
-    wait_for(lambda: active_sha(fleet, "dev0") == fleet.models[1].sha256, 10, "dev0 back on v1",
-             poll=lambda: fleet.link.pump(0.05))
-    again = fleet.edge("deploy", "--device", "dev0", "--model", str(fleet.root / "v2.onnx"))
+    fleet.wait(lambda: fleet.active_sha("dev0") == fleet.models[1].sha256, 30, "dev0 back on v1")
+    again = fleet.local.edge("deploy", "--device", "dev0", "--model", str(fleet.models[2].path))
     assert again.returncode == 1 and "anti-rollback" in again.stdout  # v2 was accepted once: never again
 
 
-def test_ten_thousand_decisions_arrive_exactly_once(fleet):
-    out = fleet.root / "rollouts"
-    collector = fleet.edge_background("collect", "--out", str(out), log=fleet.root / "collect.log")
-    try:
-        fleet.start_daemon("dev3")
+def test_ten_thousand_decisions_arrive_exactly_once(edge_fleet):
+    fleet = edge_fleet()
+    out = fleet.local.root / "rollouts"
+    collector = fleet.local.edge_background("collect", "--out", str(out), log=fleet.local.root / "collect.log")
+    fleet.local.start_daemon("dev3")
 
-        def recorded() -> int:
-            return reported(fleet, "dev3").get("decisions", 0)
+    def recorded() -> int:
+        return fleet.reported("dev3").get("decisions", 0)
 
-        wait_for(lambda: recorded() >= 2500, 60, "2,500 decisions", poll=lambda: fleet.link.pump(0.05))
-        fleet.kill_broker()
-        time.sleep(1.0)
-        fleet.start_broker()
-        wait_for(lambda: recorded() >= 5500, 60, "5,500 decisions", poll=lambda: fleet.link.pump(0.05))
-        fleet.kill_daemon("dev3", signal.SIGKILL)
-        fleet.start_daemon("dev3")
+    fleet.wait(lambda: recorded() >= 2500, 120, "2,500 decisions")
+    fleet.local.kill_broker()
+    time.sleep(1.0)  # the daemon and the collector lose the broker for a while
+    fleet.local.start_broker()
+    fleet.wait(lambda: recorded() >= 5500, 120, "5,500 decisions")
+    fleet.local.kill_daemon("dev3", signal.SIGKILL)
+    fleet.local.start_daemon("dev3")
 
-        def drained():
-            rep = reported(fleet, "dev3")
-            return rep.get("decisions") == 10_000 and rep.get("outbox_rows") == 0
-        wait_for(drained, 120, "10,000 decisions acknowledged", poll=lambda: fleet.link.pump(0.05))
-    finally:
-        collector.send_signal(signal.SIGTERM)
-        assert collector.wait(timeout=20) == 0
+    def drained():
+        rep = fleet.reported("dev3")
+        return rep.get("decisions") == 10_000 and rep.get("outbox_rows") == 0
+    fleet.wait(drained, 180, "10,000 decisions acknowledged")
+    collector.send_signal(signal.SIGTERM)
+    assert collector.wait(timeout=20) == 0
     from edge_runtime.rollouts import read_rollouts
 
     rows = read_rollouts(out, "dev3")
