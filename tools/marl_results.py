@@ -31,7 +31,8 @@ from trainer.scenarios import DecisionTiming, get_scenario
 
 ALGOS = ("ippo", "mappo")
 HEURISTICS = ("fixed", "greedy", "max-pressure")
-PUBLISHED_IPPO = {"cologne8": (21.6, 22.5), "ingolstadt7": (31.7, 32.5)}  # best / last-10, REFERENCE.md
+# RESCO's IPPO (Ault & Sharon 2021): best and last-10 average delay
+PUBLISHED_IPPO = {"cologne8": (21.6, 22.5), "ingolstadt7": (31.7, 32.5)}
 PUBLISHED_HEURISTICS = {"cologne8": {"fixed": 63.8, "greedy": 21.9, "max-pressure": 47.7},
                         "ingolstadt7": {"fixed": 91.3, "greedy": 80.6, "max-pressure": 46.8}}
 

@@ -1,7 +1,8 @@
 """Our fixed-time / greedy / max-pressure on RESCO nets beside the published RESCO figures.
 
 Run by hand (a few minutes on 2 cores):  .venv/bin/python tools/resco_baselines.py --seeds 3
-Writes a Markdown table and a grouped bar chart (default: docs/results/results_resco_baselines.md, docs/results/figures/).
+Writes a Markdown table and a grouped bar chart (default: docs/results/results_resco_baselines.md and
+docs/results/figures/).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from trainer.env import EnvConfig
 from trainer.evaluate import evaluate, summarise
 from trainer.scenarios import get_scenario
 
-# Published average delay (s), RESCO (Ault & Sharon 2021): see ../shared/REFERENCE.md.
+# Published average delay (s): RESCO (Ault & Sharon 2021, "Reinforcement Learning Benchmarks for Traffic Signal
+# Control", NeurIPS Datasets and Benchmarks), its heuristics' table.
 PUBLISHED = {
     "cologne1": {"fixed": 56.6, "greedy": 27.8, "max-pressure": 65.9},
     "cologne3": {"fixed": 46.4, "greedy": 90.7, "max-pressure": 162.3},
