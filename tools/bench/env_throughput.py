@@ -227,8 +227,8 @@ def work_ours(spec: WorkSpec) -> dict[str, Any]:
     import libsumo
     import numpy as np
 
-    from trainer import lanes
     from trainer.env import TrafficSignalEnv
+    from trainer.sim import lanes
 
     assert spec.delta is not None
     probe = Probe(libsumo, record=spec.record is not None)
