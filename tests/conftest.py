@@ -15,11 +15,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import psutil
 import pytest
+
+if TYPE_CHECKING:
+    from edge_runtime.fleet.local import LocalFleet
+    from edge_runtime.fleet.server import Model, ServerLink
 
 _HOME = Path(tempfile.mkdtemp(prefix="reled-test-home-"))
 os.environ["RELED_HOME"] = str(_HOME)
@@ -98,13 +104,6 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen]]:
 
 
 # --- edge fleet fixtures ---
-from dataclasses import dataclass  # noqa: E402
-from typing import TYPE_CHECKING  # noqa: E402
-
-if TYPE_CHECKING:
-    from edge_runtime.fleet.local import LocalFleet
-    from edge_runtime.fleet.server import Model, ServerLink
-
 # Real Mosquitto brokers on free 127.0.0.1 ports and real daemon processes; every fixture stops what it
 # started at teardown, also when the test fails. Edge modules are imported inside the fixtures so the
 # trainer's tests do not load them.
@@ -213,3 +212,56 @@ def edge_fleet(local_fleet: LocalFleet, fleet_models: dict[int, Model]) -> Calla
         return fleet
 
     return start
+
+
+def write_queue_policy(path: Path, *, version: int, tables: dict[str, list[str]], scenario: str,
+                       test_queue: np.ndarray, n_phases: int, offset: float | None = None,
+                       selftest_shift: float = 0.0) -> Path:
+    """A small RELED policy file whose logits depend on the per-phase queues only: ``version × queue``, or
+    ``log(queue − offset)`` when ``offset`` is given (NaN below it: a model that passes its self-test on
+    ``test_queue`` and fails on a real approach). ``selftest_shift`` spoils the recorded self-test answers."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edge_runtime.features import MAX_PHASES, QUEUE_AT, SCHEMA_VERSION, feature_size
+    from edge_runtime.policy import PolicyMetadata, SelfTest
+
+    inputs = [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["batch", feature_size()]),
+              helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", MAX_PHASES])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", MAX_PHASES]),
+               helper.make_tensor_value_info("action", TensorProto.INT64, ["batch"])]
+    consts = [helper.make_tensor(n, TensorProto.INT64, [1], [v])
+              for n, v in (("s", QUEUE_AT), ("e", QUEUE_AT + MAX_PHASES), ("a", 1))]
+    consts.append(helper.make_tensor("masked", TensorProto.FLOAT, [], [-1e9]))
+    nodes = [helper.make_node("Slice", ["obs", "s", "e", "a"], ["queue"])]
+    if offset is None:
+        consts.append(helper.make_tensor("scale", TensorProto.FLOAT, [], [float(version)]))
+        nodes.append(helper.make_node("Mul", ["queue", "scale"], ["raw"]))
+    else:
+        consts.append(helper.make_tensor("offset", TensorProto.FLOAT, [], [offset]))
+        nodes += [helper.make_node("Sub", ["queue", "offset"], ["shifted"]),
+                  helper.make_node("Log", ["shifted"], ["raw"])]
+    nodes += [helper.make_node("Where", ["mask", "raw", "masked"], ["logits"]),
+              helper.make_node("ArgMax", ["logits"], ["action"], axis=1, keepdims=0)]
+    graph = helper.make_graph(nodes, "queue_policy", inputs, outputs, initializer=consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rows = test_queue.shape[0]
+    test_obs = np.zeros((rows, feature_size()), dtype=np.float32)
+    test_obs[:, QUEUE_AT:QUEUE_AT + MAX_PHASES] = test_queue
+    test_mask = np.zeros((rows, MAX_PHASES), dtype=bool)
+    test_mask[:, :n_phases] = True
+    raw = version * test_queue if offset is None else np.log(test_queue - offset)
+    expected = np.where(test_mask, raw, -1e9).astype(np.float32)
+    expected[:, 0] += selftest_shift
+    meta = PolicyMetadata(SCHEMA_VERSION, feature_size(), MAX_PHASES, version, "fp32", scenario, tables,
+                          SelfTest(test_obs.tolist(), test_mask.tolist(), expected.tolist(),
+                                   expected.argmax(1).tolist(), 1e-3))
+    helper.set_model_props(model, meta.to_props())
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def queue_policy() -> Callable[..., Path]:
+    """:func:`write_queue_policy`: small hand-built policies for the deploy tests (no training needed)."""
+    return write_queue_policy

@@ -14,11 +14,11 @@ import re
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import settings
@@ -31,15 +31,13 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from onnx import TensorProto, helper
 
 from edge_runtime.device.deploy_state import TRANSITIONS, DeployState, IllegalTransition, StateFile
 from edge_runtime.device.deployment import Deployment
 from edge_runtime.device.device_config import DeviceConfig, load_device_config
-from edge_runtime.features import MAX_PHASES, QUEUE_AT, SCHEMA_VERSION, feature_size
+from edge_runtime.features import MAX_PHASES, SCHEMA_VERSION
 from edge_runtime.fileio import sha256_bytes, sha256_file
 from edge_runtime.keys import KeyFolder
-from edge_runtime.policy import PolicyMetadata, SelfTest
 from edge_runtime.protocol import Manifest, chunk_topic, sign
 
 DEVICE = "cabinet7"
@@ -54,39 +52,6 @@ HARMLESS = "s" * 600
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def small_policy(path: Path, version: int, selftest_ok: bool = True) -> bytes:
-    """A RELED policy file: logits = version × queue on the real phases (so every version is another file)."""
-    obs = helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["batch", feature_size()])
-    mask = helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", MAX_PHASES])
-    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", MAX_PHASES])
-    action = helper.make_tensor_value_info("action", TensorProto.INT64, ["batch"])
-    consts = [helper.make_tensor(n, TensorProto.INT64, [1], [v])
-              for n, v in (("s", QUEUE_AT), ("e", QUEUE_AT + MAX_PHASES), ("a", 1))]
-    consts += [helper.make_tensor("scale", TensorProto.FLOAT, [], [float(version)]),
-               helper.make_tensor("masked", TensorProto.FLOAT, [], [-1e9])]
-    nodes = [helper.make_node("Slice", ["obs", "s", "e", "a"], ["queue"]),
-             helper.make_node("Mul", ["queue", "scale"], ["raw"]),
-             helper.make_node("Where", ["mask", "raw", "masked"], ["logits"]),
-             helper.make_node("ArgMax", ["logits"], ["action"], axis=1, keepdims=0)]
-    graph = helper.make_graph(nodes, "small", [obs, mask], [logits, action], initializer=consts)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    test_obs = np.zeros((4, feature_size()), dtype=np.float32)
-    queue = slice(QUEUE_AT, QUEUE_AT + MAX_PHASES)
-    test_obs[:, queue] = np.random.default_rng(version).permutation(4 * MAX_PHASES).reshape(4, MAX_PHASES)
-    test_mask = np.zeros((4, MAX_PHASES), dtype=bool)
-    test_mask[:, :len(GREENS)] = True
-    expected = np.where(test_mask, version * test_obs[:, queue], -1e9).astype(np.float32)
-    if not selftest_ok:
-        expected[:, 0] += 5.0
-    meta = PolicyMetadata(SCHEMA_VERSION, feature_size(), MAX_PHASES, version, "fp32", HARMLESS,
-                          {INTERSECTION: list(GREENS)},
-                          SelfTest(test_obs.tolist(), test_mask.tolist(), expected.tolist(),
-                                   expected.argmax(1).tolist(), 1e-3))
-    helper.set_model_props(model, meta.to_props())
-    onnx.save(model, str(path))
-    return path.read_bytes()
-
-
 def manifest_for(data: bytes, version: int, expired: bool = False) -> Manifest:
     """The signed manifest the server would send (fixed times, so every example draws the same bytes)."""
     chunks = tuple(sha256_bytes(data[i:i + CHUNK]) for i in range(0, len(data), CHUNK))
@@ -98,7 +63,7 @@ def manifest_for(data: bytes, version: int, expired: bool = False) -> Manifest:
 class World:
     """What every example shares: the server's keys, a stranger's key and the model files."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, queue_policy: Callable[..., Path]):
         self.root = root
         self.keys = KeyFolder(root / "keys")
         self.keys.init([DEVICE])
@@ -106,7 +71,12 @@ class World:
         self.stranger = Ed25519PrivateKey.generate()
         self.models: dict[int, bytes] = {}
         for version in (*GOOD_VERSIONS, BAD_VERSION):
-            self.models[version] = small_policy(root / f"v{version}.onnx", version, version != BAD_VERSION)
+            # logits = version × queue, so every version is another file; the bad one's self-test fails
+            test_queue = np.random.default_rng(version).permutation(4 * MAX_PHASES).reshape(4, MAX_PHASES)
+            path = queue_policy(root / f"v{version}.onnx", version=version, tables={INTERSECTION: list(GREENS)},
+                                scenario=HARMLESS, test_queue=test_queue.astype(np.float32), n_phases=len(GREENS),
+                                selftest_shift=5.0 if version == BAD_VERSION else 0.0)
+            self.models[version] = path.read_bytes()
         self.by_sha = {sha256_bytes(data): data for data in self.models.values()}
         self.harmless = {sha: data.index(HARMLESS.encode()) for sha, data in self.by_sha.items()}
 
@@ -163,8 +133,8 @@ class RecordingDeployment(Deployment):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return World(tmp_path_factory.mktemp("deploy-world"))
+def world(tmp_path_factory: pytest.TempPathFactory, queue_policy: Callable[..., Path]) -> World:
+    return World(tmp_path_factory.mktemp("deploy-world"), queue_policy)
 
 
 def test_the_transition_table_names_every_state():

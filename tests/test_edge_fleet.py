@@ -9,58 +9,22 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from onnx import TensorProto, helper
 
 from edge_runtime.device.deploy_state import DeployState
 from edge_runtime.errors import RELEDError
-from edge_runtime.features import MAX_PHASES, QUEUE_AT, feature_size
+from edge_runtime.features import MAX_PHASES, feature_size
 from edge_runtime.fileio import sha256_file
 from edge_runtime.fleet.local import wait_for
 from edge_runtime.fleet.server import next_seq
 from edge_runtime.mqtt import BrokerAddress, Link
-from edge_runtime.policy import PolicyMetadata, SelfTest
 from edge_runtime.protocol import device_topic, sign
 
 pytestmark = pytest.mark.slow
 DEVICES = ("dev0", "dev1", "dev2")
-
-
-def failing_model(path: Path, tables: dict[str, list[str]], version: int) -> Path:
-    """A model that passes its factory self-test but fails on the street: log(queue - 1000) is NaN below
-    1000 queued vehicles, which the self-test's observations exceed and no real approach does."""
-    obs = helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["batch", feature_size()])
-    mask = helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", MAX_PHASES])
-    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", MAX_PHASES])
-    action = helper.make_tensor_value_info("action", TensorProto.INT64, ["batch"])
-    consts = [helper.make_tensor(n, TensorProto.INT64, [1], [v])
-              for n, v in (("s", QUEUE_AT), ("e", QUEUE_AT + MAX_PHASES), ("a", 1))]
-    consts += [helper.make_tensor("offset", TensorProto.FLOAT, [], [1000.0]),
-               helper.make_tensor("masked", TensorProto.FLOAT, [], [-1e9])]
-    nodes = [helper.make_node("Slice", ["obs", "s", "e", "a"], ["queue"]),
-             helper.make_node("Sub", ["queue", "offset"], ["shifted"]),
-             helper.make_node("Log", ["shifted"], ["raw"]),
-             helper.make_node("Where", ["mask", "raw", "masked"], ["logits"]),
-             helper.make_node("ArgMax", ["logits"], ["action"], axis=1, keepdims=0)]
-    graph = helper.make_graph(nodes, "failing", [obs, mask], [logits, action], initializer=consts)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    test_obs = np.zeros((4, feature_size()), dtype=np.float32)
-    queue = slice(QUEUE_AT, QUEUE_AT + MAX_PHASES)
-    test_obs[:, queue] = np.arange(1002, 1002 + MAX_PHASES)
-    test_mask = np.zeros((4, MAX_PHASES), dtype=bool)
-    test_mask[:, :2] = True
-    expected = np.where(test_mask, np.log(test_obs[:, queue] - 1000), -1e9).astype(np.float32)
-    meta = PolicyMetadata(1, feature_size(), MAX_PHASES, version, "fp32", "grid2x2", tables,
-                          SelfTest(test_obs.tolist(), test_mask.tolist(), expected.tolist(),
-                                   expected.argmax(1).tolist(), 1e-3))
-    helper.set_model_props(model, meta.to_props())
-    onnx.save(model, str(path))
-    return path
 
 
 def test_deploy_commits_on_all_three(edge_fleet):
@@ -224,11 +188,15 @@ def test_devices_cannot_touch_each_others_topics(edge_fleet):
         Link(BrokerAddress("127.0.0.1", fleet.local.port, "", ""), "anonymous", []).start(timeout=3)
 
 
-def test_a_failing_model_rolls_back_to_the_previous_one(edge_fleet):
+def test_a_failing_model_rolls_back_to_the_previous_one(edge_fleet, queue_policy):
     fleet = edge_fleet("dev2")
     fleet.deploy(1, "dev2")
     fleet.deploy(2, "dev2")
-    path = failing_model(fleet.local.root / "failing.onnx", fleet.models[1].phase_tables, version=10)
+    # log(queue - 1000) is NaN below 1000 queued vehicles: the self-test's queues exceed it, no real approach does,
+    # so the model passes its factory self-test and fails on the street
+    test_queue = np.tile(np.arange(1002, 1002 + MAX_PHASES, dtype=np.float32), (4, 1))
+    path = queue_policy(fleet.local.root / "failing.onnx", version=10, tables=fleet.models[1].phase_tables,
+                        scenario="grid2x2", test_queue=test_queue, n_phases=2, offset=1000.0)
     before = fleet.active_sha("dev2")
     assert before == fleet.models[2].sha256
     proc = fleet.local.edge("deploy", "--device", "dev2", "--model", str(path), timeout=180)
