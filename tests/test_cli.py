@@ -19,8 +19,10 @@ from trainer.env import EnvConfig, TrafficSignalEnv
 from trainer.export import ExportRequest
 from trainer.marl.config import TrainConfig
 from trainer.scenarios import DecisionTiming, get_scenario
+from trainer.sed.generate import GenerateRequest
 from trainer.sed.llm import LLMSettings
 from trainer.sed.refine import RefineConfig
+from trainer.sed.verified import DEFAULT_LOOKAHEAD_WORKERS
 
 
 def test_eval_writes_tables_json_and_plot(reled, tmp_path):
@@ -160,8 +162,10 @@ def test_eval_keeps_env_settings_from_the_config_file(assert_one_line_error, rel
                 "--llm-threads": str(LLMSettings().threads), "--llm-model": LLMSettings().model}),
     (["train"], {"--steps": str(TrainConfig().steps), "--algo": TrainConfig().algo,
                  "--episodes-per-update": str(TrainConfig().episodes_per_update)}),
-    (["demos", "generate"], {"--rounds": str(RefineConfig().rounds), "--tau": f"{RefineConfig().tau:g}",
-                             "--llm-context": str(LLMSettings().context), "--candidates": "2"}),
+    (["demos", "generate"], {"--rounds": "1 in verified mode, 3 in plan and step modes",
+                             "--tau": f"{RefineConfig().tau:g}", "--mode": GenerateRequest.__dataclass_fields__[
+                                 "mode"].default, "--llm-context": str(LLMSettings().context),
+                             "--lookahead-workers": str(DEFAULT_LOOKAHEAD_WORKERS)}),
     (["export"], {"--holdout-decisions": str(ExportRequest(Path("x")).holdout_decisions),
                   "--min-int8-agreement": f"{ExportRequest(Path('x')).min_int8_agreement:g}"}),
 ])

@@ -16,7 +16,7 @@ from trainer.sed.store import load_demos
 def test_refinement_rounds_run_end_to_end_on_a_small_grid(assert_one_line_error, reled, tmp_path: Path):
     out = tmp_path / "demos"
     # a generous per-call limit: on a loaded CI machine a 30 s answer is late, which is not what this checks
-    proc = reled("demos", "generate", "--scenario", "grid2x2", "--rounds", "2", "--candidates", "2",
+    proc = reled("demos", "generate", "--scenario", "grid2x2", "--mode", "plan", "--rounds", "2", "--candidates", "2",
                  "--episode-seconds", "900", "--horizon", "300", "--llm-timeout", "600", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "kept demonstration per subset" in proc.stdout and "max-pressure" in proc.stdout
@@ -68,4 +68,5 @@ def test_bad_model_and_foreign_demo_folders_are_one_line_errors(assert_one_line_
     assert_one_line_error(proc, "not a GGUF model")
     assert not (tmp_path / "d").exists()
     assert_one_line_error(reled("demos", "show", str(tmp_path)), "not a demonstration folder")
-    assert_one_line_error(reled("demos", "generate", "--scenario", "grid2x2", "--mode", "poem"), "plan or step")
+    assert_one_line_error(reled("demos", "generate", "--scenario", "grid2x2", "--mode", "poem"),
+                          "choose verified, plan, step")

@@ -7,6 +7,7 @@ the end of a yellow...), never second by second, and lanes are read once per dec
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import tempfile
@@ -56,6 +57,7 @@ class EnvConfig:
     fixed_time: bool = False  # the net's own programs run; actions are ignored
     with_pressure: bool = False  # put per-phase pressure in infos (max-pressure needs it)
     with_inflow: bool = False  # put per-lane arrivals in infos (the LLM expert's inflow meter needs them)
+    snapshots: bool = False  # allow snapshot()/restore(): look-ahead simulations from any decision
     collect_metrics: bool = True
     gui: bool = False
     sumo_args: tuple[str, ...] = field(default_factory=tuple)
@@ -65,6 +67,24 @@ class EnvConfig:
             raise RELEDError(f"unknown reward {self.reward!r}: choose one of {', '.join(REWARDS)}")
         if self.episode_seconds is not None and self.episode_seconds <= 0:
             raise RELEDError(f"episode length must be > 0 s, got {self.episode_seconds}")
+
+
+# SUMO options that make a saved state exact: every route loaded up front (a started SUMO reads route files
+# ahead incrementally and its reader cannot rewind, so a state loaded into a running SUMO gains and loses
+# vehicles), random number generators saved, positions to the micrometre. They do not change trajectories.
+SNAPSHOT_ARGS = ("--route-steps", "0", "--save-state.rng", "true", "--save-state.precision", "6")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything needed to continue an episode from one decision in another process: SUMO's saved state
+    plus the environment's own (shields, lane arrivals seen so far)."""
+
+    state_file: Path
+    time: float
+    seed: int
+    shields: tuple[SafetyShield, ...]
+    seen: tuple[frozenset[str], ...]
 
 
 class TrafficSignalEnv(ParallelEnv):
@@ -141,6 +161,32 @@ class TrafficSignalEnv(ParallelEnv):
         truncations = dict.fromkeys(obs, done)
         return obs, rewards, terminations, truncations, infos
 
+    def snapshot(self, state_file: Path) -> Snapshot:
+        """Save the running episode at this decision (SUMO's state to ``state_file``)."""
+        if not self.config.snapshots:
+            raise RELEDError("this environment was not built for snapshots: set EnvConfig(snapshots=True)")
+        if not self.agents:
+            raise RELEDError("snapshot() needs a running episode: call reset() first")
+        self.api.simulation.saveState(str(state_file))
+        return Snapshot(Path(state_file), self._time, self._seed, tuple(copy.deepcopy(self.shields)),
+                        tuple(frozenset(s) for s in self.readings.lanes.seen))
+
+    def restore(self, snapshot: Snapshot) -> tuple[dict, dict]:
+        """Start SUMO from a snapshot (of this scenario and settings) and continue the episode from there:
+        the same vehicles, signals and random state, so the same controls give the same traffic."""
+        if not self.config.snapshots:
+            raise RELEDError("this environment was not built for snapshots: set EnvConfig(snapshots=True)")
+        self._start(snapshot.seed, load_state=snapshot.state_file)
+        self._time = snapshot.time
+        self.shields = list(copy.deepcopy(snapshot.shields))
+        self._shown = [None] * len(self.intersections)
+        self._apply_signals()
+        self.readings.lanes.seen = [set(s) for s in snapshot.seen]
+        self.readings.read()
+        self.agents = list(self.possible_agents)
+        self.invalid_actions = 0
+        return self._observe(), self._infos()
+
     def close(self) -> None:
         self.sim.close()
         self.agents = []
@@ -155,10 +201,15 @@ class TrafficSignalEnv(ParallelEnv):
     def time(self) -> float:
         return self._time
 
-    def _command(self, seed: int, with_outputs: bool, gui: bool = False) -> list[str]:
+    def _command(self, seed: int, with_outputs: bool, gui: bool = False, load_state: Path | None = None) -> list[str]:
+        extra = self.config.sumo_args
+        if self.config.snapshots:
+            extra = (*extra, *SNAPSHOT_ARGS)
+        if load_state is not None:
+            extra = (*extra, "--load-state", str(load_state))
         return sumo_command(self.scenario, self.config.demand, seed,
                             self._outputs if with_outputs else None, end=self.end_time, gui=gui,
-                            time_to_teleport=self.config.time_to_teleport, extra=self.config.sumo_args)
+                            time_to_teleport=self.config.time_to_teleport, extra=extra)
 
     def _discover(self) -> list[Intersection]:
         api = self.sim.start(self._command(0, with_outputs=False))
@@ -177,8 +228,11 @@ class TrafficSignalEnv(ParallelEnv):
             raise RELEDError(f"scenario {self.scenario.name} has no traffic light with 2+ green phases to control")
         return intersections
 
-    def _start(self, seed: int) -> None:
-        self.api = self.sim.start(self._command(seed, self.config.collect_metrics, self.config.gui))
+    def _start(self, seed: int, load_state: Path | None = None) -> None:
+        self._seed = seed
+        self._restored = load_state is not None  # a continued episode has no trip outputs of its own
+        self.api = self.sim.start(self._command(seed, self.config.collect_metrics and load_state is None,
+                                                self.config.gui, load_state))
         self._time = float(self.api.simulation.getTime())
         if self.readings is None:
             self._build_readings()
@@ -240,7 +294,7 @@ class TrafficSignalEnv(ParallelEnv):
     def _finish_episode(self, infos: dict[str, dict]) -> None:
         self.sim.close()
         self.agents = []
-        if self.config.collect_metrics:
+        if self.config.collect_metrics and not self._restored:
             self.last_metrics = read_episode_metrics(self._outputs.tripinfo, self._outputs.statistics)
             episode = {**self.last_metrics.as_dict(), "invalid_actions": self.invalid_actions}
             for info in infos.values():

@@ -42,11 +42,12 @@ def controller_env(scenario: Scenario, controller: Controller, config: EnvConfig
     """An environment set up the way ``controller`` needs it, closed afterwards."""
     env = TrafficSignalEnv(config, resolved=scenario, fixed_time=not controller.drives_signals,
                            with_pressure=controller.needs_pressure, with_inflow=controller.needs_inflow,
-                           collect_metrics=True)
+                           snapshots=controller.needs_snapshots, collect_metrics=True)
     try:
         controller.attach(env)
         yield env
     finally:
+        controller.close()
         env.close()
 
 

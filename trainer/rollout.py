@@ -72,16 +72,18 @@ class Episode:
 
 
 def play_episode(env: TrafficSignalEnv, controller: Controller, seed: int, *, source: Source = "agent",
-                 max_decisions: int | None = None, on_step: Callable[[float], None] | None = None) -> Episode:
+                 max_decisions: int | None = None, on_step: Callable[[float], None] | None = None,
+                 start_from: Callable[[], tuple[Observations, dict[str, dict[str, Any]]]] | None = None) -> Episode:
     """Play one episode (or its first ``max_decisions`` decisions) with ``controller`` deciding for every agent.
 
-    ``on_step`` gets the fraction of the episode's simulated time done after each decision.
+    ``on_step`` gets the fraction of the episode's simulated time done after each decision. ``start_from``
+    replaces ``env.reset(seed)`` (a look-ahead continues from ``env.restore(snapshot)``).
     """
     agents = list(env.possible_agents)
     span = env.end_time - env.scenario.begin
     sim_seconds = policy_seconds = 0.0
     start = time.perf_counter()
-    observations, infos = env.reset(seed=seed)
+    observations, infos = env.reset(seed=seed) if start_from is None else start_from()
     controller.reset(seed)
     sim_seconds += time.perf_counter() - start
     obs_rows, mask_rows, action_rows, reward_rows = [], [], [], []

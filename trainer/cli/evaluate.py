@@ -36,7 +36,8 @@ TIMING = OptionGroup(
     Flag("max_green", float, "Maximum green seconds"),
 )
 GUI = Setting(ENV_CONFIG, Flag("gui", bool, "Watch in sumo-gui (needs a display; uses TraCI)."))
-LLM_MODE = Setting(LLM_EXPERT, Flag("mode", str, "LLM expert mode: plan or step.", "--llm-mode"))
+LLM_MODE = Setting(LLM_EXPERT, Flag("mode", str, "LLM expert mode: verified, plan or step (see `reled demos "
+                                                 "generate --help`).", "--llm-mode"))
 EXPERT = OptionGroup(LLM_EXPERT, SUBSET_SIZE, HORIZON)
 
 

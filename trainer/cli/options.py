@@ -196,4 +196,5 @@ LLM = OptionGroup(
 # expert's defaults, `reled demos generate` its request's (the same constants).
 LLM_EXPERT = "trainer.sed.experts:LLMExpert"
 SUBSET_SIZE = Flag("subset_size", int, "K: most lights per subset.", min=1)
-HORIZON = Flag("horizon_s", float, "Plan mode: simulated seconds per plan.", "--horizon", min=60)
+HORIZON = Flag("horizon_s", float, "Plan and verified modes: simulated seconds per plan (and per look-ahead).",
+               "--horizon", min=60)

@@ -23,6 +23,7 @@ class Controller:
     drives_signals: ClassVar[bool] = True  # False: the net's own programs run untouched
     needs_pressure: ClassVar[bool] = False  # True: the env must put phase pressure in infos
     needs_inflow: ClassVar[bool] = False  # True: the env must put per-lane arrivals in infos
+    needs_snapshots: ClassVar[bool] = False  # True: the env must allow snapshot()/restore() (look-ahead)
 
     def attach(self, env: Any) -> None:
         """Called once with the environment it will drive (experts read its layout and lanes)."""
@@ -36,6 +37,9 @@ class Controller:
     def decide(self, decision: Decision) -> dict[str, int]:
         """What the episode loop calls; controllers that work on stacked arrays override it."""
         return self.act(decision.observations, decision.infos)
+
+    def close(self) -> None:
+        """Release what the controller holds (worker processes, files); called once it is done."""
 
 
 def _masked_argmax(scores: np.ndarray, mask: np.ndarray) -> int:
@@ -52,19 +56,27 @@ class FixedTime(Controller):
         return {}
 
 
+def greedy_phase(observation: dict[str, np.ndarray]) -> int:
+    """The phase with the longest queue; ties go to approaching traffic."""
+    vec = observation["observation"]
+    queue = vec[QUEUE_AT:QUEUE_AT + MAX_PHASES]
+    approaching = vec[APPROACHING_AT:APPROACHING_AT + MAX_PHASES]
+    return _masked_argmax(queue + 1e-3 * approaching, observation["action_mask"])
+
+
+def max_pressure_phase(observation: dict[str, np.ndarray], info: dict[str, Any]) -> int:
+    """The phase whose movements have the most upstream minus downstream vehicles."""
+    pressure = info["phase_pressure"]
+    return _masked_argmax(pressure, observation["action_mask"][: len(pressure)])
+
+
 class Greedy(Controller):
     """Serve the phase with the longest queue (RESCO's 'greedy'); ties go to approaching traffic."""
 
     name = "greedy"
 
     def act(self, observations: Observations, infos: dict[str, dict[str, Any]]) -> dict[str, int]:
-        actions = {}
-        for agent, ob in observations.items():
-            vec = ob["observation"]
-            queue = vec[QUEUE_AT:QUEUE_AT + MAX_PHASES]
-            approaching = vec[APPROACHING_AT:APPROACHING_AT + MAX_PHASES]
-            actions[agent] = _masked_argmax(queue + 1e-3 * approaching, ob["action_mask"])
-        return actions
+        return {agent: greedy_phase(ob) for agent, ob in observations.items()}
 
 
 class MaxPressure(Controller):
@@ -74,12 +86,7 @@ class MaxPressure(Controller):
     needs_pressure = True
 
     def act(self, observations: Observations, infos: dict[str, dict[str, Any]]) -> dict[str, int]:
-        actions = {}
-        for agent, ob in observations.items():
-            pressure = infos[agent]["phase_pressure"]
-            mask = ob["action_mask"][: len(pressure)]
-            actions[agent] = _masked_argmax(pressure, mask)
-        return actions
+        return {agent: max_pressure_phase(ob, infos[agent]) for agent, ob in observations.items()}
 
 
 class RandomController(Controller):

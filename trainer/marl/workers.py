@@ -9,11 +9,8 @@ replayed; a worker that reports an error (bad scenario, SUMO refusing the net) s
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing as mp
-import signal
-import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
@@ -25,6 +22,7 @@ from trainer.env import EnvConfig, TrafficSignalEnv
 from trainer.marl.networks import Actor
 from trainer.marl.policy import PolicyController
 from trainer.rollout import Episode, play_episode
+from trainer.sim.processes import stop_workers, worker_signals
 
 log = logging.getLogger(__name__)
 MAX_RESTARTS_PER_JOB = 3
@@ -54,14 +52,9 @@ class RolloutWorkers(Protocol):
     def close(self) -> None: ...
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(0)  # unwinds through ``finally`` so the env closes SUMO (TraCI's is a child process)
-
-
 def _worker_main(conn: Connection, env_config: EnvConfig, spec: ActorSpec) -> None:
     """Worker loop: ("weights", state) | ("episode", job) | ("close",). Ctrl-C is the parent's business."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    worker_signals()
     torch.set_num_threads(1)
     env = None
     try:
@@ -185,19 +178,7 @@ class ProcessWorkers:
 
     def close(self) -> None:
         """Ask every worker to stop, then terminate and finally kill what is left: no orphan SUMO."""
-        for worker in self.workers:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                worker.conn.send(("close",))
-        deadline = time.monotonic() + 10
-        for worker in self.workers:
-            worker.process.join(timeout=max(0.1, deadline - time.monotonic()))
-            if worker.process.is_alive():
-                worker.process.terminate()
-                worker.process.join(timeout=5)
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join()
-            worker.conn.close()
+        stop_workers([(w.process, w.conn) for w in self.workers])
 
     def __enter__(self) -> ProcessWorkers:
         return self

@@ -29,6 +29,7 @@ from trainer.sed.clusters import DEFAULT_SUBSET_SIZE, Subset, boundary_lanes, pa
 from trainer.sed.layout import SubsetLayout, light_layouts, subset_layout
 from trainer.sed.llm import LLMBackend, LLMCallError
 from trainer.sed.prompts import PhaseStats, messages, plan_prompt, step_prompt
+from trainer.sed.tools import LightControl
 
 if TYPE_CHECKING:
     from trainer.env import TrafficSignalEnv
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODES = ("plan", "step")
+MODES = ("verified", "plan", "step")
 DEFAULT_HORIZON_S = 900.0
 EDGE = "the network edge"
 
@@ -148,11 +149,39 @@ def phase_stats(ctx: SubsetContext, block: np.ndarray, n_phases: list[int]) -> l
     return out
 
 
+class DemandWindow:
+    """Observations averaged over a window of decisions (longest wait: the largest seen): the demand a
+    plan or strategy prompt reports for the period that just ended."""
+
+    def __init__(self, n_agents: int) -> None:
+        self._sums = np.zeros((n_agents, feature_size()))
+        self._waits = np.zeros((n_agents, MAX_PHASES))
+        self._steps = 0
+
+    def add(self, block: np.ndarray) -> None:
+        self._sums += block
+        self._waits = np.maximum(self._waits, block[:, MAX_WAIT_AT:MAX_WAIT_AT + MAX_PHASES])
+        self._steps += 1
+
+    def stats(self, ctx: SubsetContext, n_phases: list[int]) -> list[PhaseStats] | None:
+        """Per light of the subset, per phase; None before anything was measured."""
+        if not self._steps:
+            return None
+        block = self._sums / self._steps
+        block[:, MAX_WAIT_AT:MAX_WAIT_AT + MAX_PHASES] = self._waits
+        return phase_stats(ctx, block, n_phases)
+
+    def clear(self) -> None:
+        self._sums[:] = 0.0
+        self._waits[:] = 0.0
+        self._steps = 0
+
+
 @dataclass
 class LLMExpert(Controller):
     """Base of both modes: subsets, the model, counted fallbacks, feedback per subset."""
 
-    backend: LLMBackend
+    backend: LLMBackend | None  # None: no model (the verified expert's --no-llm)
     mode: str = "plan"
     subset_size: int = DEFAULT_SUBSET_SIZE
     horizon_s: float = DEFAULT_HORIZON_S
@@ -168,11 +197,13 @@ class LLMExpert(Controller):
         self.finished: list[LLMStats] = []  # earlier episodes'
         self.contexts: list[SubsetContext] = []
         self._calls = 0
+        self.schedule: list[tuple[float, tuple[LightControl, ...]]] = []  # the controls in force from each time
+        self.decisions: list[dict[str, Any]] = []  # verified mode: every subset's candidates and winner
 
     def attach(self, env: TrafficSignalEnv) -> None:
         self.env = env
         if not self.contexts:
-            self.contexts = subset_contexts(env, self.mode, self.subset_size)
+            self.contexts = subset_contexts(env, "plan" if self.mode == "verified" else self.mode, self.subset_size)
             self.meter = InflowMeter(self.contexts, env.intersections)
             self._n_phases = [inter.n_phases for inter in env.intersections]
             self._agents = [inter.tls_id for inter in env.intersections]
@@ -182,6 +213,12 @@ class LLMExpert(Controller):
             self.finished.append(self.stats)
         self.stats = LLMStats()
         self.meter.reset()
+        self.schedule = []
+        self.decisions = []
+
+    def lookahead_stats(self) -> dict[str, Any]:
+        """Look-aheads run, failed and timed out (the verified mode's; none here)."""
+        return {}
 
     def total_stats(self) -> LLMStats:
         """Every episode's counts summed (what `reled eval` reports)."""
@@ -191,13 +228,15 @@ class LLMExpert(Controller):
                 setattr(total, key, getattr(total, key) + value)
         return total
 
-    def ask(self, j: int, user: str) -> dict[str, Any] | None:
-        """One call for subset j: the parsed answer, or None (counted) when it failed."""
+    def ask(self, j: int, user: str, answer: AnswerFormat | None = None) -> dict[str, Any] | None:
+        """One call for subset j (in its own answer format unless ``answer`` is given): the parsed answer,
+        or None (counted) when it failed."""
         ctx = self.contexts[j]
+        answer = answer or ctx.answer
         self.stats.calls += 1
         self._calls += 1
         try:
-            reply = self.backend.chat(messages(self.mode, self.env.timing, user), ctx.answer,
+            reply = self.backend.chat(messages(answer.mode, self.env.timing, user), answer,
                                       temperature=self.temperature, seed=self.seed * 100_003 + self._calls,
                                       max_tokens=self.max_tokens, session=ctx.subset.name)
         except LLMCallError as exc:
@@ -211,7 +250,7 @@ class LLMExpert(Controller):
         self.stats.completion_tokens += reply.completion_tokens
         self.stats.seconds += reply.seconds
         try:
-            parsed = ctx.answer.parse(reply.text)
+            parsed = answer.parse(reply.text)
         except AnswerError as exc:
             self.stats.invalid += 1
             log.info("subset %s: invalid answer (%s): %r; holding", ctx.subset.name, exc, reply.text[:200])
@@ -233,43 +272,38 @@ class PlanExpert(LLMExpert):
         self.plans: list[TimingPlan] = [TimingPlan(tuple(range(n)), (green,) * n, 0) for n in self._n_phases]
         self.plan_start = -np.inf
         self.history: list[dict[str, Any]] = []  # the plans in force, for the manifest
-        self._sums = np.zeros((len(self._agents), feature_size()))  # observations summed since the last plan
-        self._waits = np.zeros((len(self._agents), MAX_PHASES))  # longest wait seen
-        self._steps = 0
+        self.window = DemandWindow(len(self._agents))  # the traffic seen since the last plan
 
     def act(self, observations: dict[str, dict[str, np.ndarray]], infos: dict[str, dict]) -> dict[str, int]:
         now = infos[self._agents[0]]["time"]
         self.meter.update(infos)
-        block = self._block(observations)
-        self._sums += block
-        self._waits = np.maximum(self._waits, block[:, MAX_WAIT_AT:MAX_WAIT_AT + MAX_PHASES])
-        self._steps += 1
+        self.window.add(self._block(observations))
         if now - self.plan_start >= self.horizon_s - 1e-6:
             self._replan(now)
         return {agent: int(self.plans[k].phase_at(now - self.plan_start, self.env.timing))
                 for k, agent in enumerate(self._agents)}
 
+    def ask_plan(self, j: int) -> dict[str, TimingPlan] | None:
+        """Subset j's plans for the next horizon from the demand of the last one (None: the call failed)."""
+        ctx = self.contexts[j]
+        steps_per_horizon = max(1, round(self.horizon_s / self.env.timing.delta))
+        demand = self.window.stats(ctx, self._n_phases) if np.isfinite(self.plan_start) else None
+        user = plan_prompt(ctx.layout, ctx.answer, demand, self.meter.summary(j, steps_per_horizon),
+                           self.horizon_s, self.feedback.get(j, ""))
+        return self.ask(j, user)
+
     def _replan(self, now: float) -> None:
         """New plans for every subset from the traffic seen since the last plan."""
-        demand_block = None
-        if np.isfinite(self.plan_start):  # the first plan has no measurements behind it
-            demand_block = self._sums / max(self._steps, 1)
-            demand_block[:, MAX_WAIT_AT:MAX_WAIT_AT + MAX_PHASES] = self._waits
-        steps_per_horizon = max(1, round(self.horizon_s / self.env.timing.delta))
         for j, ctx in enumerate(self.contexts):
-            demand = None if demand_block is None else phase_stats(ctx, demand_block, self._n_phases)
-            user = plan_prompt(ctx.layout, ctx.answer, demand, self.meter.summary(j, steps_per_horizon),
-                               self.horizon_s, self.feedback.get(j, ""))
-            answer = self.ask(j, user)
+            answer = self.ask_plan(j)
             if answer is None:
                 continue
             for label, k in zip(ctx.answer.labels, ctx.agents, strict=True):
                 self.plans[k] = answer[label]
         self.history.append({"time": now, "plans": {self._agents[k]: p.as_dict() for k, p in enumerate(self.plans)}})
+        self.schedule.append((now, tuple(LightControl("plan", p, origin="llm-plan") for p in self.plans)))
         self.plan_start = now
-        self._sums[:] = 0.0
-        self._waits[:] = 0.0
-        self._steps = 0
+        self.window.clear()
 
 
 class StepExpert(LLMExpert):
@@ -297,9 +331,16 @@ class StepExpert(LLMExpert):
         return actions
 
 
-def make_expert(backend: LLMBackend, mode: str, **options: Any) -> LLMExpert:
-    if mode not in MODES:
-        from edge_runtime.errors import RELEDError
+def make_expert(backend: LLMBackend | None, mode: str, **options: Any) -> LLMExpert:
+    """An expert of ``mode``; only the verified expert runs without a model (backend None: --no-llm)."""
+    from edge_runtime.errors import RELEDError
 
-        raise RELEDError(f"unknown expert mode {mode!r}: choose plan or step")
+    if mode not in MODES:
+        raise RELEDError(f"unknown expert mode {mode!r}: choose {', '.join(MODES)}")
+    if mode == "verified":
+        from trainer.sed.verified import VerifiedExpert
+
+        return VerifiedExpert(backend, mode, **options)
+    if backend is None:
+        raise RELEDError(f"{mode} mode needs a model: --no-llm works with --mode verified only")
     return (PlanExpert if mode == "plan" else StepExpert)(backend, mode, **options)

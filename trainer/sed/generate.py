@@ -9,22 +9,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from edge_runtime.errors import RELEDError
 from edge_runtime.features import MAX_PHASES
 from trainer.controllers import make_controller
 from trainer.env import EnvConfig, TrafficSignalEnv
 from trainer.evaluate import evaluate
-from trainer.marl.checkpoint import actor_from_checkpoint, check_scenario, load_checkpoint
-from trainer.marl.config import PPOConfig
-from trainer.marl.networks import Actor
-from trainer.sed.experts import DEFAULT_HORIZON_S, make_expert
+from trainer.sed.experts import DEFAULT_HORIZON_S, MODES, make_expert
 from trainer.sed.llm import LLMSettings, open_backend
+from trainer.sed.lookahead import DEFAULT_TIMEOUT_S
 from trainer.sed.prompts import PROMPT_VERSIONS
-from trainer.sed.refine import Demonstration, RefineConfig, RefineHook, RefineResult, kept_columns, refine
+from trainer.sed.refine import Demonstration, RefineConfig, RefineHook, RefineResult, agent_actor, kept_columns, refine
+from trainer.sed.replay import replay_kept
 from trainer.sed.store import check_free, write_demos
+from trainer.sed.verified import DEFAULT_LOOKAHEAD_WORKERS, attribution
 
-BASELINES = ("fixed", "max-pressure")
+BASELINES = ("fixed", "greedy", "max-pressure")
 
 
 @dataclass(frozen=True)
@@ -32,27 +32,24 @@ class GenerateRequest:
     env: EnvConfig
     llm: LLMSettings
     refine: RefineConfig
-    mode: str = "plan"
+    mode: str = "verified"
     subset_size: int = 4
     horizon_s: float = DEFAULT_HORIZON_S
     policy: Path | None = None  # agent policy for D_j; None: a fresh actor (what training starts from)
     baselines: bool = True
+    no_llm: bool = False  # verified mode without the model: the classical tools only (every figure's twin)
+    lookahead_workers: int = DEFAULT_LOOKAHEAD_WORKERS
+    lookahead_timeout: float = DEFAULT_TIMEOUT_S
 
-
-def agent_actor(policy: Path | None, env: TrafficSignalEnv, seed: int) -> tuple[Actor, str]:
-    """π_θ of the bound: a trained checkpoint, or a freshly initialised actor with the run's seed."""
-    if policy is None:
-        torch.manual_seed(seed)
-        ppo = PPOConfig()
-        return Actor(ppo.hidden, ppo.layers, ppo.normalize_obs).eval(), f"fresh actor (seed {seed})"
-    data = load_checkpoint(policy)
-    check_scenario(data, policy, env.scenario.name, list(env.possible_agents),
-                   [i.n_phases for i in env.intersections])
-    return actor_from_checkpoint(data), str(policy)
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise RELEDError(f"unknown --mode {self.mode!r}: choose {', '.join(MODES)}")
+        if self.no_llm and self.mode != "verified":
+            raise RELEDError(f"--no-llm needs --mode verified ({self.mode} mode is the LLM alone)")
 
 
 def run_baselines(env: TrafficSignalEnv, seed: int) -> dict[str, dict[str, float]]:
-    """Fixed-time and max-pressure on the demonstrations' own seed and settings."""
+    """Fixed-time, greedy and max-pressure on the demonstrations' own seed and settings."""
     results = evaluate(env.scenario, [make_controller(n) for n in BASELINES], [seed], env.config)
     return {r.controller: r.metrics.as_dict() for r in results}
 
@@ -61,18 +58,30 @@ def generate(request: GenerateRequest, out: Path, overwrite: bool, hook: RefineH
              on_round: Callable[[int, list[Demonstration]], None] | None = None) -> dict[str, Any]:
     """Run SED and write the store; returns the manifest. Nothing is written unless everything succeeded."""
     check_free(out, overwrite)
-    env = TrafficSignalEnv(request.env, with_inflow=True)
-    backend = open_backend(request.llm)
+    verified = request.mode == "verified"
+    env = TrafficSignalEnv(request.env, with_inflow=True, with_pressure=True, snapshots=verified)
+    backend = None if request.no_llm else open_backend(request.llm)
+    expert = None
     try:
-        actor, actor_label = agent_actor(request.policy, env, request.refine.seed)
-        baselines = run_baselines(env, request.refine.seed) if request.baselines else {}
-        expert = make_expert(backend, request.mode, subset_size=request.subset_size, horizon_s=request.horizon_s,
-                             max_tokens=request.llm.max_tokens)
+        seed = request.refine.seed
+        actor, actor_label = agent_actor(request.policy, env, seed)
+        baselines = run_baselines(env, seed) if request.baselines else {}
+        options: dict[str, Any] = {"subset_size": request.subset_size, "horizon_s": request.horizon_s,
+                                   "max_tokens": request.llm.max_tokens}
+        if verified:
+            options |= {"actor": actor, "score_config": request.refine, "lookahead_workers": request.lookahead_workers,
+                        "lookahead_timeout": request.lookahead_timeout}
+        expert = make_expert(backend, request.mode, **options)
         result = refine(env, expert, actor, request.refine, hook, on_round)
+        kept_replay = replay_kept(env, result, expert.contexts, seed)
         manifest = build_manifest(request, env, backend, expert.contexts, result, baselines, actor_label)
+        manifest["kept_replay"] = kept_replay
         manifest = write_demos(out, manifest, kept_columns(result, expert.contexts), overwrite)
     finally:
-        backend.close()
+        if expert is not None:
+            expert.close()
+        if backend is not None:
+            backend.close()
         env.close()
     return manifest
 
@@ -93,6 +102,7 @@ def build_manifest(request: GenerateRequest, env: TrafficSignalEnv, backend: Any
     kept = [{"subset": j, "round": d.round, "candidate": d.candidate, **asdict(d.scores[j])}
             for j, d in sorted(result.kept.items())]
     model_file = getattr(backend, "model_path", None)
+    decisions = [d for demo in demos for d in demo.decisions]
     return {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "scenario": env.scenario.name, "demand": env.config.demand, "seed": request.refine.seed,
@@ -100,10 +110,12 @@ def build_manifest(request: GenerateRequest, env: TrafficSignalEnv, backend: Any
         "timing": asdict(env.timing), "agents": list(env.possible_agents),
         "n_phases": [i.n_phases for i in env.intersections], "action_size": MAX_PHASES,
         "mode": request.mode, "prompt_version": PROMPT_VERSIONS[request.mode],
-        "model": {"backend": backend.description, "sha256": backend.model_sha256,
-                  "file": str(model_file) if model_file else None},
+        "model": {"backend": backend.description if backend else "none (--no-llm: the classical tools only)",
+                  "sha256": backend.model_sha256 if backend else None, "file": str(model_file) if model_file else None},
+        "no_llm": request.no_llm,
         "llm_settings": {k: v for k, v in asdict(request.llm).items() if k != "extra"},
-        "config": {**asdict(request.refine), "subset_size": request.subset_size, "horizon_s": request.horizon_s},
+        "config": {**asdict(request.refine.for_mode(request.mode)), "subset_size": request.subset_size,
+                   "horizon_s": request.horizon_s, "lookahead_workers": request.lookahead_workers},
         "agent_policy": actor_label,
         "subsets": [{"name": c.subset.name, "lights": list(c.subset.lights), "boundary_lanes": list(c.boundary)}
                     for c in contexts],
@@ -113,4 +125,5 @@ def build_manifest(request: GenerateRequest, env: TrafficSignalEnv, backend: Any
         "kept_mean_bound": float(np.mean([k["bound"] for k in kept])),
         "stopped_early": result.stopped_early,
         "llm_totals": totals,
+        **({"attribution": attribution(decisions)} if decisions else {}),
     }

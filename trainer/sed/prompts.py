@@ -15,7 +15,7 @@ from edge_runtime.shield import SignalTiming
 from trainer.sed.answers import AnswerFormat
 from trainer.sed.layout import SubsetLayout
 
-PROMPT_VERSIONS = {"plan": "plan/1", "step": "step/1"}
+PROMPT_VERSIONS = {"plan": "plan/1", "step": "step/1", "strategy": "strategy/1", "verified": "plan/1+strategy/1"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,17 @@ class PhaseStats:
 
 def system_prompt(mode: str, timing: SignalTiming) -> str:
     change = f"{timing.yellow:g} s yellow and {timing.all_red:g} s all-red"
+    if mode == "strategy":
+        return ("You are a traffic signal engineer. For each intersection of a group of neighbouring signalised "
+                "intersections, choose how it is controlled for the next period, with one of these tools: "
+                "max-pressure (serve the phase with the most vehicles upstream minus downstream); greedy (serve "
+                "the longest queue); program (the intersection's own fixed-time program); webster (a fixed-time "
+                "plan with a cycle of `cycle` seconds, greens in proportion to the measured flows, offsets along "
+                "the main road for a green wave); actuated (hold a green while vehicles keep arriving, at least "
+                "min_green and at most max_green seconds). favour is a phase to give more green, or -1 for none. "
+                f"Each change of phase shows {change}. You are shown the simulated result of each tool for this "
+                "group over the next period (fewer queued vehicles is better): use that evidence, and mix tools "
+                "between intersections where the evidence suggests it. Answer with JSON only.")
     if mode == "plan":
         return ("You are a traffic signal engineer. You write fixed-time timing plans for a group of neighbouring "
                 "signalised intersections. For each intersection give: order, the sequence of its phases (each "
@@ -87,6 +98,20 @@ def plan_prompt(layout: SubsetLayout, answer: AnswerFormat, demand: list[PhaseSt
     if feedback:
         parts.append(feedback)
     parts.append(f"Write the plan for the next {horizon_s / 60:.0f} minutes.")
+    return "\n".join(parts)
+
+
+def strategy_prompt(layout: SubsetLayout, answer: AnswerFormat, demand: list[PhaseStats] | None, inflow: str,
+                    evidence: str, horizon_s: float, feedback: str) -> str:
+    """Layout and answer form (cached), then the demand of the last period and the tools' look-ahead results."""
+    parts = [layout_text(layout), f"Answer in this form: {answer.example()}"]
+    if demand is not None:
+        parts.append(f"Traffic over the last {horizon_s / 60:.0f} minutes, per phase (mean vehicles per decision):")
+        parts.append(stats_text(demand, 1))
+    parts += [inflow, evidence]
+    if feedback:
+        parts.append(feedback)
+    parts.append(f"Choose a tool for each intersection for the next {horizon_s / 60:.0f} minutes.")
     return "\n".join(parts)
 
 

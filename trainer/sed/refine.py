@@ -10,7 +10,8 @@ stops early once every kept demonstration has B_j ≤ τ.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,8 @@ import torch
 
 from edge_runtime.features import MAX_PHASES, MAX_WAIT_AT, QUEUE_AT
 from trainer.env import TrafficSignalEnv
+from trainer.marl.checkpoint import actor_from_checkpoint, check_scenario, load_checkpoint
+from trainer.marl.config import PPOConfig
 from trainer.marl.networks import Actor
 from trainer.rollout import Episode, play_episode
 from trainer.sed.bounds import (
@@ -33,10 +36,15 @@ from trainer.sed.experts import LLMExpert, StepExpert, SubsetContext
 RefineHook = Callable[[int, int, float], None]
 
 
+# Rounds and candidates when not given: the verified expert searches inside each episode (its look-ahead),
+# so one episode is its demonstration; plan and step modes need sampled candidates beside the greedy one.
+MODE_DEFAULTS = {"verified": (1, 1), "plan": (3, 2), "step": (3, 2)}
+
+
 @dataclass(frozen=True)
 class RefineConfig:
-    rounds: int = 3
-    candidates: int = 2  # a tiny model needs sampled candidates beside its greedy answer
+    rounds: int | None = None  # None: the mode's default (MODE_DEFAULTS)
+    candidates: int | None = None
     temperature: float = 1.0  # for candidates 1.. (candidate 0 is greedy)
     lam: float = 1e-4  # λ of the score G − λ·B
     gamma: float = 0.99  # γ of the bound and of G
@@ -46,10 +54,15 @@ class RefineConfig:
     def __post_init__(self) -> None:
         from edge_runtime.errors import RELEDError
 
-        if self.rounds < 1 or self.candidates < 1:
+        if (self.rounds is not None and self.rounds < 1) or (self.candidates is not None and self.candidates < 1):
             raise RELEDError(f"need at least 1 round and 1 candidate, got {self.rounds} and {self.candidates}")
         if not 0 <= self.gamma < 1:
             raise RELEDError(f"gamma must be in [0, 1), got {self.gamma}")
+
+    def for_mode(self, mode: str) -> RefineConfig:
+        """Rounds and candidates filled in with the mode's defaults where not given."""
+        rounds, candidates = MODE_DEFAULTS.get(mode, MODE_DEFAULTS["plan"])
+        return replace(self, rounds=self.rounds or rounds, candidates=self.candidates or candidates)
 
 
 @dataclass(frozen=True)
@@ -70,15 +83,36 @@ class Demonstration:
     episode: Episode
     llm: dict[str, Any]
     scores: list[SubsetScore]
-    plans: list[dict[str, Any]] = field(default_factory=list)  # plan mode: the plans in force, per horizon
+    plans: list[dict[str, Any]] = field(default_factory=list)  # plan/verified: what was in force, per horizon
+    schedule: list[tuple[float, tuple[Any, ...]]] = field(default_factory=list)  # the controls from each time
+    decisions: list[dict[str, Any]] = field(default_factory=list)  # verified: every subset's pool and winner
+    lookahead: dict[str, Any] = field(default_factory=dict)  # verified: look-aheads run, failed, timed out
     switches: list[int] = field(default_factory=list)  # step mode: phase changes per light
     inflow: list[dict[str, list[float]]] = field(default_factory=list)  # per subset, per source, per step
 
     def summary(self) -> dict[str, Any]:
         scores = [asdict(s) for s in self.scores]
-        return {"round": self.round, "candidate": self.candidate, "avg_delay": self.episode.metrics["avg_delay"],
-                "mean_bound": float(np.mean([s.bound for s in self.scores])), "llm": self.llm, "subsets": scores,
-                "plans": self.plans}
+        out = {"round": self.round, "candidate": self.candidate, "avg_delay": self.episode.metrics["avg_delay"],
+               "metrics": self.episode.metrics, "mean_bound": float(np.mean([s.bound for s in self.scores])),
+               "llm": self.llm, "subsets": scores, "plans": self.plans}
+        if self.decisions:
+            from trainer.sed.verified import attribution
+
+            out |= {"attribution": attribution(self.decisions), "decisions": self.decisions,
+                    "lookahead": self.lookahead}
+        return out
+
+
+def agent_actor(policy: Path | None, env: TrafficSignalEnv, seed: int) -> tuple[Actor, str]:
+    """π_θ of the bound: a trained checkpoint, or a freshly initialised actor with the run's seed."""
+    if policy is None:
+        torch.manual_seed(seed)
+        ppo = PPOConfig()
+        return Actor(ppo.hidden, ppo.layers, ppo.normalize_obs).eval(), f"fresh actor (seed {seed})"
+    data = load_checkpoint(policy)
+    check_scenario(data, policy, env.scenario.name, list(env.possible_agents),
+                   [i.n_phases for i in env.intersections])
+    return actor_from_checkpoint(data), str(policy)
 
 
 @torch.no_grad()
@@ -88,24 +122,28 @@ def agent_probabilities(actor: Actor, obs: np.ndarray, masks: np.ndarray) -> np.
                               torch.from_numpy(np.ascontiguousarray(masks))).probs.numpy()
 
 
+def score_subset(episode: Episode, ctx: SubsetContext, inflow: np.ndarray, actor: Actor, decision_s: float,
+                 config: RefineConfig, index: int | None = None) -> SubsetScore:
+    """G_j, ε_j, D_j, B_j and the score of one subset from its agents' rows of ``episode``."""
+    agents = list(ctx.agents)
+    rewards = episode.rewards[:, agents].sum(axis=1) / ctx.capacity_vehicles  # R_max = 1
+    # G_j as the return of a process with this mean reward: the discounted sum from t = 0 would
+    # only weigh the first ~1/(1-γ) decisions of the episode.
+    ret = float(rewards.mean() / (1 - config.gamma))
+    eps = external_volatility(inflow, len(ctx.boundary), decision_s)
+    obs = episode.obs[:, agents].reshape(-1, episode.obs.shape[-1])
+    masks = episode.masks[:, agents].reshape(-1, MAX_PHASES)
+    probs = agent_probabilities(actor, obs, masks)
+    div = policy_divergence(probs, one_hot(episode.actions[:, agents].reshape(-1), MAX_PHASES))
+    bound = nonstationarity_bound(eps, div, config.gamma)
+    mean_queue = float(episode.obs[:, agents, QUEUE_AT:QUEUE_AT + MAX_PHASES].sum(axis=(1, 2)).mean())
+    return SubsetScore(ctx.subset.index if index is None else index, ret, eps, div, bound,
+                       subset_score(ret, bound, config.lam), mean_queue)
+
+
 def score_subsets(episode: Episode, contexts: list[SubsetContext], inflow: list[np.ndarray], actor: Actor,
                   decision_s: float, config: RefineConfig) -> list[SubsetScore]:
-    scores = []
-    for j, ctx in enumerate(contexts):
-        agents = list(ctx.agents)
-        rewards = episode.rewards[:, agents].sum(axis=1) / ctx.capacity_vehicles  # R_max = 1
-        # G_j as the return of a process with this mean reward: the discounted sum from t = 0 would
-        # only weigh the first ~1/(1-γ) decisions of the episode.
-        ret = float(rewards.mean() / (1 - config.gamma))
-        eps = external_volatility(inflow[j], len(ctx.boundary), decision_s)
-        obs = episode.obs[:, agents].reshape(-1, episode.obs.shape[-1])
-        masks = episode.masks[:, agents].reshape(-1, MAX_PHASES)
-        probs = agent_probabilities(actor, obs, masks)
-        div = policy_divergence(probs, one_hot(episode.actions[:, agents].reshape(-1), MAX_PHASES))
-        bound = nonstationarity_bound(eps, div, config.gamma)
-        mean_queue = float(episode.obs[:, agents, QUEUE_AT:QUEUE_AT + MAX_PHASES].sum(axis=(1, 2)).mean())
-        scores.append(SubsetScore(j, ret, eps, div, bound, subset_score(ret, bound, config.lam), mean_queue))
-    return scores
+    return [score_subset(episode, ctx, inflow[j], actor, decision_s, config, j) for j, ctx in enumerate(contexts)]
 
 
 def feedback_text(ctx: SubsetContext, demo: Demonstration, best: Demonstration, tau: float) -> str:
@@ -158,6 +196,8 @@ def refine(env: TrafficSignalEnv, expert: LLMExpert, actor: Actor, config: Refin
     feedback: dict[int, str] = {}
     feedback_log = []
     stopped_early = False
+    config = config.for_mode(expert.mode)
+    assert config.rounds is not None and config.candidates is not None
     for r in range(config.rounds):
         feedback_log.append(dict(feedback))
         before = {j: kept[j].scores[j].score for j in kept}
@@ -171,7 +211,8 @@ def refine(env: TrafficSignalEnv, expert: LLMExpert, actor: Actor, config: Refin
             inflow = [expert.meter.totals(j) for j in range(len(contexts))]
             scores = score_subsets(episode, contexts, inflow, actor, env.timing.delta, config)
             demo = Demonstration(r, c, episode, expert.stats.as_dict(), scores,
-                                 plans=list(getattr(expert, "history", [])),
+                                 plans=list(getattr(expert, "history", [])), schedule=list(expert.schedule),
+                                 decisions=list(expert.decisions), lookahead=expert.lookahead_stats(),
                                  switches=expert.switches.tolist() if isinstance(expert, StepExpert) else [],
                                  inflow=[dict(s) for s in expert.meter.per_source])
             round_demos.append(demo)

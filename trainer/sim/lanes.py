@@ -86,12 +86,12 @@ class LaneReader:
         self.count_arrivals = count_arrivals
         self.arrivals = np.zeros(n, dtype=np.float32)
         self._own = [index[lane] for lane in lanes]
-        self._seen: list[set[str]] = [set() for _ in lanes]
+        self.seen: list[set[str]] = [set() for _ in lanes]
 
     def restart(self, api: Any) -> None:
         """Read from a new SUMO run of the same net; arrivals count from scratch."""
         self.api = api
-        self._seen = [set() for _ in self.lanes]
+        self.seen = [set() for _ in self.lanes]
 
     def read(self) -> None:
         lane_api, veh_api = self.api.lane, self.api.vehicle
@@ -125,8 +125,8 @@ class LaneReader:
         if self.count_arrivals:
             for k, j in enumerate(self._own):
                 ids = set(vehicles[j])
-                self.arrivals[k] = len(ids - self._seen[k])
-                self._seen[k] = ids
+                self.arrivals[k] = len(ids - self.seen[k])
+                self.seen[k] = ids
 
     def vehicle_counts(self, lanes: list[str]) -> np.ndarray:
         """Vehicles on whole lanes (used for the outgoing side of pressure)."""
