@@ -80,6 +80,61 @@ def wait_until() -> Callable[..., Any]:
     return wait
 
 
+class SignalRecorder:
+    """What SUMO shows: every light's state in every simulated second of an episode, and the safety rules
+    checked on it (each green between min and max green, then yellow, then all-red, unless the change stops
+    no movement)."""
+
+    @staticmethod
+    def record(env: Any) -> dict[str, list[str]]:
+        """Start recording ``env`` (its SUMO steps); the returned lists fill as the episode runs."""
+        shown: dict[str, list[str]] = {inter.tls_id: [] for inter in env.intersections}
+        step_to = env.sim.step_to
+
+        def recording_step_to(time: float) -> None:
+            seconds = round(time - env.api.simulation.getTime())
+            for tls, states in shown.items():
+                states.extend([env.api.trafficlight.getRedYellowGreenState(tls)] * seconds)
+            step_to(time)
+
+        env.sim.step_to = recording_step_to
+        return shown
+
+    @staticmethod
+    def violations(shown: list[str], greens: tuple[str, ...], timing: Any) -> tuple[list[str], int]:
+        """(every broken rule, number of greens shown); the first and last runs may be cut by the episode."""
+        runs: list[list] = []  # [kind, state, seconds]
+        for state in shown:
+            kind = "green" if state in greens else ("yellow" if "y" in state else "red")
+            if runs and runs[-1][1] == state:
+                runs[-1][2] += 1
+            else:
+                runs.append([kind, state, 1])
+        kinds = [r[0] for r in runs]
+        problems = []
+        for i, (kind, state, secs) in enumerate(runs[1:-1], start=1):
+            if kind == "green" and kinds[i - 1] == "green":
+                # a change that stops no movement (the new phase only adds greens) needs no yellow
+                before = runs[i - 1][1]
+                if not all(b in "Gg" for a, b in zip(before, state, strict=True) if a in "Gg"):
+                    problems.append(f"green {before} -> green {state} without yellow")
+            elif kind == "green":
+                if not timing.min_green <= secs <= timing.max_green:
+                    problems.append(f"green {state} shown {secs} s")
+                if kinds[i - 1] != "red" or kinds[i - 2] != "yellow":
+                    problems.append(f"green {state} not after yellow and all-red")
+            elif kind == "yellow" and secs != timing.yellow:
+                problems.append(f"yellow {state} shown {secs} s")
+            elif kind == "red" and secs != timing.all_red:
+                problems.append(f"all-red {state} shown {secs} s")
+        return problems, kinds.count("green")
+
+
+@pytest.fixture(scope="session")
+def signals() -> SignalRecorder:
+    return SignalRecorder()
+
+
 @pytest.fixture
 def spawn() -> Iterator[Callable[..., subprocess.Popen]]:
     """``spawn(cmd, **popen_kwargs)``: a Popen whose whole process tree is killed at teardown."""

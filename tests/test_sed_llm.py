@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from edge_runtime.shield import SignalTiming
-from trainer.sed.answers import AnswerFormat
+from trainer.sed.answers import TOOLS, AnswerError, AnswerFormat
 from trainer.sed.llm import HttpBackend, LlamaCppBackend, LLMCallError, resolve_model
 
 TIMING = SignalTiming(yellow=3, all_red=2, min_green=10, max_green=60)
@@ -46,6 +46,21 @@ def test_grammar_constrained_answers_always_parse(local_model: LlamaCppBackend):
             answer = fmt.parse(reply.text)  # raises on anything invalid
             assert set(answer) == set(fmt.labels)
             assert reply.prompt_tokens > 20 and reply.completion_tokens > 3
+
+
+@pytest.mark.slow
+def test_hot_strategy_answers_name_only_known_tools_and_bad_parameters_are_caught(local_model: LlamaCppBackend):
+    """The grammar admits only the pool's tools; what it cannot rule out (min_green above max_green) the
+    validator refuses. Either way an answer is a valid strategy or an AnswerError, never anything else."""
+    fmt = AnswerFormat("strategy", ("I1", "I2"), (4, 2), TIMING)
+    for seed in range(3):
+        reply = local_model.chat(QUESTION, fmt, temperature=1.5, seed=seed, max_tokens=120)
+        named = {light["tool"] for light in json.loads(reply.text).values()}
+        assert named <= set(TOOLS), reply.text
+        try:
+            fmt.parse(reply.text)
+        except AnswerError as exc:
+            assert "min_green <= max_green" in str(exc), exc
 
 
 def test_a_call_over_its_time_limit_is_late(local_model: LlamaCppBackend):

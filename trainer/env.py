@@ -72,7 +72,7 @@ class EnvConfig:
 # SUMO options that make a saved state exact: every route loaded up front (a started SUMO reads route files
 # ahead incrementally and its reader cannot rewind, so a state loaded into a running SUMO gains and loses
 # vehicles), random number generators saved, positions to the micrometre. They do not change trajectories.
-SNAPSHOT_ARGS = ("--route-steps", "0", "--save-state.rng", "true", "--save-state.precision", "6")
+SNAPSHOT_ARGS = ("--route-steps", "0", "--save-state.rng", "true", "--save-state.precision", "17")
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,10 @@ class TrafficSignalEnv(ParallelEnv):
             raise RELEDError("this environment was not built for snapshots: set EnvConfig(snapshots=True)")
         if not self.agents:
             raise RELEDError("snapshot() needs a running episode: call reset() first")
-        self.api.simulation.saveState(str(state_file))
+        try:
+            self.api.simulation.saveState(str(state_file))
+        except self.sim.sumo_errors as exc:
+            raise RELEDError(f"SUMO could not save its state to {state_file} ({exc})") from exc
         return Snapshot(Path(state_file), self._time, self._seed, tuple(copy.deepcopy(self.shields)),
                         tuple(frozenset(s) for s in self.readings.lanes.seen))
 

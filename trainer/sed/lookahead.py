@@ -116,6 +116,7 @@ class LookaheadStats:
     tasks: int = 0
     failed: int = 0  # SUMO or the worker crashed
     timed_out: int = 0
+    snapshot_failed: int = 0  # horizons without look-ahead: the state could not be saved (disk full)
     seconds: float = 0.0  # wall time spent waiting for look-aheads
 
 
@@ -148,6 +149,19 @@ class LookaheadPool:
     def busy_pids(self) -> list[int]:
         return [w.process.pid for w in self.workers if w.task is not None]
 
+    def wait_ready(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """Block until every worker has its SUMO loaded (a scenario the workers cannot load fails here)."""
+        deadline = time.monotonic() + timeout
+        while not all(w.ready for w in self.workers):
+            starting = [w for w in self.workers if not w.ready]
+            handles = {w.conn: w for w in starting} | {w.process.sentinel: w for w in starting}
+            for handle in wait(list(handles), timeout=max(0.0, deadline - time.monotonic())):
+                worker = handles[handle]
+                if worker in self.workers and not worker.ready:
+                    self._receive(worker, handle, {})
+            if time.monotonic() > deadline:
+                raise RELEDError(f"look-ahead workers did not start within {timeout:g} s")
+
     def run(self, tasks: list[LookaheadTask]) -> list[LookaheadResult | None]:
         """Every task's result in task order; ``None`` for a task that failed or timed out (counted)."""
         started = time.perf_counter()
@@ -156,34 +170,20 @@ class LookaheadPool:
         while len(results) < len(tasks):
             for worker in self.workers:
                 if worker.ready and worker.task is None and pending:
+                    try:
+                        worker.conn.send(("task", tasks[pending[0]]))
+                    except (BrokenPipeError, OSError):  # it died while idle: replace it, the task waits
+                        self._replace(worker, results, "its worker process died while idle")
+                        continue
                     worker.task = pending.pop(0)
                     worker.deadline = time.monotonic() + self.timeout
-                    worker.conn.send(("task", tasks[worker.task]))
             handles = {w.conn: w for w in self.workers} | {w.process.sentinel: w for w in self.workers}
             next_deadline = min((w.deadline for w in self.workers if w.task is not None), default=None)
             wait_s = None if next_deadline is None else max(0.0, next_deadline - time.monotonic())
-            ready = wait(list(handles), timeout=wait_s)
-            for handle in ready:
+            for handle in wait(list(handles), timeout=wait_s):
                 worker = handles[handle]
-                if worker not in self.workers:
-                    continue  # replaced through its other handle
-                try:
-                    if handle is worker.process.sentinel and not worker.conn.poll():
-                        raise EOFError
-                    kind, payload = worker.conn.recv()
-                except (EOFError, ConnectionResetError, OSError):
-                    self._replace(worker, results, "its worker process died")
-                    continue
-                if kind == "ready":
-                    worker.ready = True
-                elif kind == "error":
-                    raise RELEDError(f"look-ahead worker could not start the scenario: {payload}")
-                elif kind == "failed":
-                    self._fail(worker, results, payload, replace_worker=False)
-                else:
-                    assert worker.task is not None
-                    results[worker.task] = payload
-                    worker.task = None
+                if worker in self.workers:  # else: replaced through its other handle
+                    self._receive(worker, handle, results)
             now = time.monotonic()
             for worker in list(self.workers):
                 if worker.task is not None and now > worker.deadline:
@@ -192,6 +192,26 @@ class LookaheadPool:
         self.stats.tasks += len(tasks)
         self.stats.seconds += time.perf_counter() - started
         return [results[k] for k in range(len(tasks))]
+
+    def _receive(self, worker: _Worker, handle: Any, results: dict[int, LookaheadResult | None]) -> None:
+        """One message from a worker (or the news that it died)."""
+        try:
+            if handle is worker.process.sentinel and not worker.conn.poll():
+                raise EOFError
+            kind, payload = worker.conn.recv()
+        except (EOFError, ConnectionResetError, OSError):
+            self._replace(worker, results, "its worker process died")
+            return
+        if kind == "ready":
+            worker.ready = True
+        elif kind == "error":
+            raise RELEDError(f"look-ahead worker could not start the scenario: {payload}")
+        elif kind == "failed":
+            self._fail(worker, results, payload, replace_worker=False)
+        else:
+            assert worker.task is not None
+            results[worker.task] = payload
+            worker.task = None
 
     def _fail(self, worker: _Worker, results: dict[int, LookaheadResult | None], reason: str,
               replace_worker: bool, counted: bool = False) -> None:

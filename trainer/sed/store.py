@@ -50,10 +50,14 @@ def write_demos(folder: Path, manifest: dict[str, Any], columns: dict[str, np.nd
     manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "feature_size": feature_size(),
                 "max_phases": MAX_PHASES, "rows": rows.pop(), "columns": list(COLUMNS), **manifest}
     check_free(folder, overwrite)
-    with atomic_folder(folder) as tmp:
-        for name, dtype in COLUMNS.items():
-            np.save(tmp / f"{name}.npy", np.ascontiguousarray(columns[name], dtype=dtype))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    try:
+        with atomic_folder(folder) as tmp:
+            for name, dtype in COLUMNS.items():
+                np.save(tmp / f"{name}.npy", np.ascontiguousarray(columns[name], dtype=dtype))
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    except OSError as exc:  # a full or read-only disk: the temporary folder is gone, the old store untouched
+        raise RELEDError(f"could not write the demonstrations to {folder}: {exc.strerror or exc}; nothing was "
+                         "written (free some space or choose another --out)") from exc
     return manifest
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from edge_runtime.errors import RELEDError
 from trainer.sed.clusters import road_graph
 from trainer.sed.experts import InflowMeter, PlanExpert
 from trainer.sed.lookahead import DEFAULT_TIMEOUT_S, LookaheadPool, LookaheadResult, LookaheadTask
@@ -82,6 +83,7 @@ class VerifiedExpert(PlanExpert):
     lookahead_timeout: float = DEFAULT_TIMEOUT_S
     score_config: RefineConfig = field(default_factory=RefineConfig)
     actor: Actor | None = None  # π_θ of D_j; None: a fresh actor (what training starts from)
+    state_dir: Path | None = None  # where the horizon's saved state goes; None: a temporary folder
     needs_pressure: ClassVar[bool] = True
     needs_snapshots: ClassVar[bool] = True
 
@@ -113,7 +115,7 @@ class VerifiedExpert(PlanExpert):
         self._lane_steps = 0
         if self.pool is None:
             self.pool = LookaheadPool(self.env.config, self.lookahead_workers, self.lookahead_timeout)
-            self._tmp = Path(tempfile.mkdtemp(prefix="reled-lookahead-"))
+            self._tmp = Path(tempfile.mkdtemp(prefix="reled-lookahead-", dir=self.state_dir))
 
     def close(self) -> None:
         if self.pool is not None:
@@ -138,7 +140,13 @@ class VerifiedExpert(PlanExpert):
     # -- the search ------------------------------------------------------------------------------
     def _search(self, now: float) -> None:
         assert self.pool is not None and self._tmp is not None
-        snapshot = self.env.snapshot(self._tmp / "state.xml")
+        try:
+            snapshot = self.env.snapshot(self._tmp / "state.xml")
+        except (RELEDError, OSError) as exc:  # a full disk: drive on with what runs now, counted
+            self.pool.stats.snapshot_failed += 1
+            log.warning("no look-ahead at %.0f s: %s; the current controls continue", now, exc)
+            self.plan_start = now
+            return
         delta = self.env.timing.delta
         decisions = max(1, math.ceil((min(self.horizon_s, self.env.end_time - now) - 1e-6) / delta))
 

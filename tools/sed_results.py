@@ -1,0 +1,215 @@
+"""The verified expert's demonstrations beside fixed-time, greedy, max-pressure and IPPO, with and without the LLM.
+
+For every scenario × demand × SUMO seed it runs `reled demos generate` (verified mode, the embedded
+SmolLM2 model) and its `--no-llm` twin, each with the heuristics on the same seed, and trains one IPPO
+policy per scenario (moderate demand, RELED's timing, 576k agent-steps, evaluated greedily on the same
+seeds and both demands). Every finished run is a JSON file under docs/results/sed_verified/ and is
+skipped when the tool runs again, so it can be stopped and resumed. Then it writes
+docs/results/results_sed_verified.md and docs/results/figures/sed_verified.png.
+
+    .venv/bin/python tools/sed_results.py                      # everything, about 75 min on 2 cores
+    .venv/bin/python tools/sed_results.py --variants no-llm    # the tools-only twin (about 10 min)
+    .venv/bin/python tools/sed_results.py --report-only        # tables and plot from the finished runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from marl_results import ensure_run
+
+from edge_runtime.fileio import atomic_write_text
+from trainer.env import EnvConfig
+from trainer.evaluate import evaluate
+from trainer.marl.checkpoint import actor_from_checkpoint, load_checkpoint
+from trainer.marl.policy import PolicyController
+from trainer.scenarios import get_scenario
+from trainer.sed.generate import GenerateRequest, generate
+from trainer.sed.llm import LLMSettings
+from trainer.sed.refine import RefineConfig
+from trainer.stats import mean_std
+
+SCENARIOS = ("cologne8", "ingolstadt7", "orlando")
+DEMANDS = ("moderate", "congested")
+VARIANTS = ("no-llm", "llm")
+HEURISTICS = ("fixed", "greedy", "max-pressure")
+IPPO_STEPS = 576_000
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+
+
+def run_key(scenario: str, demand: str, seed: int, variant: str) -> str:
+    return f"{scenario}-{demand}-s{seed}-{variant}"
+
+
+def ensure_sed(scenario: str, demand: str, seed: int, variant: str, runs: Path, folder: Path) -> None:
+    """One verified demonstration run (skipped when its JSON exists)."""
+    target = folder / f"{run_key(scenario, demand, seed, variant)}.json"
+    if target.is_file():
+        return
+    print(f"+ verified {variant}: {scenario} {demand} seed {seed}", flush=True)
+    request = GenerateRequest(env=EnvConfig(scenario=scenario, demand=demand), llm=LLMSettings(),
+                              refine=RefineConfig(seed=seed), mode="verified", no_llm=variant == "no-llm")
+    start = time.perf_counter()
+    manifest = generate(request, runs / run_key(scenario, demand, seed, variant), overwrite=True)
+    seconds = time.perf_counter() - start
+    demo = manifest["rounds"][0]["candidates"][0]
+    summary = {"scenario": scenario, "demand": demand, "seed": seed, "variant": variant,
+               "avg_delay": demo["avg_delay"], "kept_replay_delay": manifest["kept_replay"]["avg_delay"],
+               "baselines": {name: m["avg_delay"] for name, m in manifest["baselines"].items()},
+               "attribution": manifest["attribution"], "llm": manifest["llm_totals"],
+               "lookahead": demo["lookahead"], "wall_seconds": seconds, "model": manifest["model"]}
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, json.dumps(summary, indent=1))
+    print(f"  {demo['avg_delay']:.1f} s (greedy {summary['baselines']['greedy']:.1f}, max-pressure "
+          f"{summary['baselines']['max-pressure']:.1f}) in {seconds:.0f} s", flush=True)
+
+
+def ensure_ippo(scenario: str, demands: list[str], seeds: list[int], runs: Path, folder: Path) -> None:
+    """Train IPPO on the scenario's moderate demand and evaluate it greedily on every demand and seed."""
+    target = folder / f"{scenario}-ippo.json"
+    if target.is_file():
+        return
+    run = runs / f"ippo-{scenario}"
+    ensure_run(run, "ippo", scenario, 0, IPPO_STEPS, 2, None)
+    actor = actor_from_checkpoint(load_checkpoint(run / "latest.pt"))
+    delays: dict[str, dict[str, float]] = {}
+    for demand in demands:
+        results = evaluate(get_scenario(scenario), [PolicyController(actor, "ippo", deterministic=True)], seeds,
+                           EnvConfig(scenario=scenario, demand=demand))
+        delays[demand] = {str(r.seed): r.metrics.avg_delay for r in results}
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, json.dumps({"scenario": scenario, "trained_on": "moderate", "steps": IPPO_STEPS,
+                                          "delays": delays}, indent=1))
+
+
+def load(folder: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*-s*-*.json"))]
+    ippo = {json.loads(p.read_text())["scenario"]: json.loads(p.read_text()) for p in folder.glob("*-ippo.json")}
+    return runs, ippo
+
+
+def cell(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean, std = mean_std(values)
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {std:.1f}"
+
+
+def report(folder: Path, out: Path, figure: Path) -> str:
+    runs, ippo = load(folder)
+    lines = ["# Verified SED demonstrations: results", "",
+             "Generated by `tools/sed_results.py` from the runs in `docs/results/sed_verified/`. Average delay (s)",
+             "per vehicle (SUMO tripinfo, as `reled eval`), mean ± std over SUMO seeds; every column on the same",
+             "seeds. *verified*: `reled demos generate` (verified mode, 15-min horizon, K = 4, SmolLM2-135M); *no-LLM*:",
+             "the same with `--no-llm`. IPPO: trained on the moderate demand (576k agent-steps, RELED's timing),",
+             "evaluated greedily; on the congested demand that is a policy meeting traffic it was not trained on.", "",
+             "| scenario | demand | seeds | fixed | greedy | max-pressure | IPPO | verified no-LLM | verified | "
+             "best heuristic → verified | LLM wins |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for scenario in SCENARIOS:
+        for demand in DEMANDS:
+            group = [r for r in runs if r["scenario"] == scenario and r["demand"] == demand]
+            if not group:
+                continue
+            seeds = sorted({r["seed"] for r in group})
+            base = {h: [next(r for r in group if r["seed"] == s)["baselines"][h] for s in seeds] for h in HEURISTICS}
+            variant = {v: [r["avg_delay"] for r in sorted(group, key=lambda r: r["seed"]) if r["variant"] == v]
+                       for v in VARIANTS}
+            ippo_delays = [ippo[scenario]["delays"].get(demand, {}).get(str(s)) for s in seeds] if scenario in ippo else []
+            ippo_delays = [d for d in ippo_delays if d is not None]
+            per_seed_best = [min(base["greedy"][i], base["max-pressure"][i]) for i in range(len(seeds))]
+            main = variant["llm"] or variant["no-llm"]
+            gain = (f"{100 * (sum(main) / sum(per_seed_best[:len(main)]) - 1):+.1f}%"
+                    if main and len(main) <= len(per_seed_best) else "–")
+            wins = [r["attribution"] for r in group if r["variant"] == "llm"]
+            llm_share = (f"{sum(a['llm_wins'] for a in wins)}/{sum(a['choices'] for a in wins)}" if wins else "–")
+            rows.append((scenario, demand, seeds, base, ippo_delays, variant, per_seed_best))
+            lines.append(f"| {scenario} | {demand} | {','.join(map(str, seeds))} | {cell(base['fixed'])} | "
+                         f"{cell(base['greedy'])} | {cell(base['max-pressure'])} | {cell(ippo_delays)} | "
+                         f"{cell(variant['no-llm'])} | {cell(variant['llm'])} | {gain} | {llm_share} |")
+    lines += ["", "Per seed (verified with the LLM, else no-LLM, against the better of greedy and max-pressure on that "
+              "seed):", "", "| scenario | demand | seed | best heuristic | no-LLM | verified | LLM's first choice queued / "
+              "winners queued (veh·h) | wall (s) no-LLM / LLM |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (SCENARIOS.index(r["scenario"]), r["demand"], r["seed"], r["variant"])):
+        if r["variant"] != "llm" and any(o["variant"] == "llm" and o["scenario"] == r["scenario"]
+                                         and o["demand"] == r["demand"] and o["seed"] == r["seed"] for o in runs):
+            continue
+        twin = {o["variant"]: o for o in runs if (o["scenario"], o["demand"], o["seed"]) ==
+                (r["scenario"], r["demand"], r["seed"])}
+        a = r["attribution"]
+        queued = (f"{a['llm_first_queued_s'] / 3600:.1f} / {a['winner_queued_s_same_choices'] / 3600:.1f}"
+                  if a["llm_first_compared"] else "–")
+        best = min(r["baselines"]["greedy"], r["baselines"]["max-pressure"])
+        walls = " / ".join(f"{twin[v]['wall_seconds']:.0f}" if v in twin else "–" for v in VARIANTS)
+        lines.append(f"| {r['scenario']} | {r['demand']} | {r['seed']} | {best:.1f} | "
+                     f"{twin['no-llm']['avg_delay'] if 'no-llm' in twin else float('nan'):.1f} | "
+                     f"{twin['llm']['avg_delay'] if 'llm' in twin else float('nan'):.1f} | {queued} | {walls} |")
+    lines += ["", f"![verified demonstrations]({figure.relative_to(out.parent)})", ""]
+    plot(rows, figure)
+    text = "\n".join(lines)
+    atomic_write_text(out, text)
+    return text
+
+
+def plot(rows: list, figure: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not rows:
+        return
+    names = ["fixed", "greedy", "max-pressure", "IPPO", "verified no-LLM", "verified"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.9 * len(rows)), 4))
+    width = 0.13
+    for i, name in enumerate(names):
+        means, errs = [], []
+        for _scenario, _demand, _seeds, base, ippo_delays, variant, _best in rows:
+            values = {"fixed": base["fixed"], "greedy": base["greedy"], "max-pressure": base["max-pressure"],
+                      "IPPO": ippo_delays, "verified no-LLM": variant["no-llm"], "verified": variant["llm"]}[name]
+            means.append(np.mean(values) if values else np.nan)
+            errs.append(np.std(values) if len(values) > 1 else 0.0)
+        ax.bar(np.arange(len(rows)) + (i - 2.5) * width, means, width, yerr=errs, label=name, capsize=2)
+    ax.set_xticks(np.arange(len(rows)), [f"{s}\n{d}" for s, d, *_ in rows])
+    ax.set_ylabel("average delay (s)")
+    ax.set_title("Verified demonstrations against the heuristics and IPPO (lower is better)")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
+    parser.add_argument("--demands", nargs="+", default=list(DEMANDS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--no-ippo", action="store_true", help="skip training and evaluating IPPO")
+    parser.add_argument("--report-only", action="store_true", help="only write the tables and plot")
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "out" / "sed_runs",
+                        help="where the demonstration stores and IPPO runs go")
+    args = parser.parse_args()
+    folder = RESULTS / "sed_verified"
+    if not args.report_only:
+        for variant in args.variants:  # every no-LLM run first: they are quick and carry the main finding
+            for demand in args.demands:
+                for scenario in args.scenarios:
+                    for seed in args.seeds:
+                        ensure_sed(scenario, demand, seed, variant, args.runs_dir, folder)
+        if not args.no_ippo:
+            for scenario in args.scenarios:
+                ensure_ippo(scenario, list(args.demands), list(args.seeds), args.runs_dir, folder)
+    print(report(folder, RESULTS / "results_sed_verified.md", RESULTS / "figures" / "sed_verified.png"))
+
+
+if __name__ == "__main__":
+    main()
