@@ -93,6 +93,23 @@ def test_a_lookahead_in_a_worker_replays_the_episode_exactly(saved_cologne8):
     assert pool.stats.failed == pool.stats.timed_out == 0
 
 
+def test_snapshots_of_a_scaled_demand_load_late_in_the_episode(tmp_path):
+    """A demand --scale above 1 makes SUMO copy vehicles onto their original's route; 45 minutes in, many
+    originals have arrived, and the saved state must still carry the routes their copies use."""
+    env = TrafficSignalEnv(lookahead_config(EnvConfig(scenario="cologne8", demand="congested")))
+    try:
+        assert get_scenario("cologne8").demand("congested").scale > 1
+        controller = max_pressure_everywhere(env)
+        obs, infos = env.reset(seed=0)
+        for _ in range(270):
+            obs, _rewards, _term, _trunc, infos = env.step(controller.act(obs, infos))
+        before = simulation_state(env)
+        env.restore(env.snapshot(tmp_path / "late.xml"))
+        assert set(simulation_state(env)["vehicles"]) == set(before["vehicles"])
+    finally:
+        env.close()
+
+
 def test_failing_and_slow_candidates_are_dropped_and_counted(saved_cologne8, tmp_path, wait_until):
     config, snapshot, _states, _truth = saved_cologne8
     n = len(snapshot.shields)

@@ -71,7 +71,10 @@ class EnvConfig:
 
 # SUMO options that make a saved state exact: every route loaded up front (a started SUMO reads route files
 # ahead incrementally and its reader cannot rewind, so a state loaded into a running SUMO gains and loses
-# vehicles), random number generators saved, positions to the micrometre. They do not change trajectories.
+# vehicles), random number generators saved, values to 17 decimals. The episode's arrived vehicles are kept
+# (--keep-after-arrival, added per episode): with a demand --scale above 1 SUMO's copies share the route of
+# their original, and once the original had arrived the saved state lacked that route and could not be
+# loaded (seen on cologne8 congested). None of these change trajectories (checked: same delays).
 SNAPSHOT_ARGS = ("--route-steps", "0", "--save-state.rng", "true", "--save-state.precision", "17")
 
 
@@ -207,7 +210,8 @@ class TrafficSignalEnv(ParallelEnv):
     def _command(self, seed: int, with_outputs: bool, gui: bool = False, load_state: Path | None = None) -> list[str]:
         extra = self.config.sumo_args
         if self.config.snapshots:
-            extra = (*extra, *SNAPSHOT_ARGS)
+            keep_s = int(self.end_time - self.scenario.begin) + 1
+            extra = (*extra, *SNAPSHOT_ARGS, "--keep-after-arrival", str(keep_s))
         if load_state is not None:
             extra = (*extra, "--load-state", str(load_state))
         return sumo_command(self.scenario, self.config.demand, seed,
