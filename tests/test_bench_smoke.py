@@ -95,3 +95,15 @@ def test_edge_bench_small_fleet_writes_figures(tmp_path: Path) -> None:
     assert {"onnxruntime fp32 decide", "onnxruntime int8 decide", "torch eager (peer)"} <= lat.keys()
     assert all(0 < v["p50_ms"] <= v["p99_ms"] for v in lat.values())
     assert 0 < data["daemon_rss_mb"]["mean"] <= data["daemon_rss_mb"]["max"]
+
+
+def test_sed_verified_bench_runs_a_short_tools_only_episode(tmp_path: Path) -> None:
+    """tools/bench/sed_verified.py on a 10-minute grid2x2 episode without the model."""
+    script = SCRIPT.with_name("sed_verified.py")
+    data = bench_json(script, tmp_path / "sed.json", "--scenarios", "grid2x2", "--episode-seconds", "600",
+                      "--no-llm", "--workers", "1")
+    mechanics = data["mechanics"][0]
+    assert mechanics["fresh_exact"] and mechanics["save_s"] > 0 and mechanics["state_bytes"] > 0
+    (run,) = data["episodes"]
+    assert run["lookahead"]["tasks"] > 0 and run["lookahead"]["failed"] == 0
+    assert run["avg_delay"] > 0 and set(run["heuristics"]) == {"fixed", "greedy", "max-pressure"}
