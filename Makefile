@@ -30,9 +30,9 @@ demo: install
 	$(BIN)/reled eval --scenario cologne8 --config configs/resco_timing.toml --seeds 3 \
 		--policy $(OUT)/runs/demo-ippo-cologne8/latest.pt --controller fixed,greedy,max-pressure \
 		--json $(OUT)/demo_cologne8.json --plot $(OUT)/demo_cologne8.png
-	@test -f $(OUT)/demos/cologne8-moderate-plan/manifest.json || $(BIN)/reled demos generate --scenario cologne8 \
-		--rounds 2 --candidates 2 --out $(OUT)/demos/cologne8-moderate-plan
-	$(BIN)/reled demos show $(OUT)/demos/cologne8-moderate-plan
+	@test -f $(OUT)/demos/cologne8-moderate-verified/manifest.json || $(BIN)/reled demos generate \
+		--scenario cologne8 --out $(OUT)/demos/cologne8-moderate-verified
+	$(BIN)/reled demos show $(OUT)/demos/cologne8-moderate-verified
 	$(BIN)/reled export --run $(OUT)/runs/demo-ippo-cologne8 --out $(OUT)/policy.onnx --int8
 	rm -rf $(OUT)/fleet
 	$(BIN)/reled-edge fleet up --policy $(OUT)/policy.onnx --devices 3 --dir $(OUT)/fleet --deploy
@@ -51,6 +51,7 @@ bench: install
 	$(PY) tools/bench/env_throughput.py
 	$(PY) tools/bench/train_throughput.py
 	$(PY) tools/bench/llm_throughput.py
+	$(PY) tools/bench/sed_verified.py --json $(OUT)/bench_sed_verified.json
 	$(PY) tools/bench/edge_bench.py --json $(OUT)/bench_edge.json
 
 clean:
