@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -247,27 +249,38 @@ def test_every_executed_control_passes_the_shield(signals):
         assert greens > 5 and not problems, (inter.tls_id, problems)
 
 
-def test_a_full_state_disk_falls_back_to_the_current_controls(tmp_path):
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """``small_disk("16k")``: a folder on a tmpfs of that size, unmounted by the fixture (skips without root)."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True).returncode:
+            pytest.skip("mounting a small tmpfs needs root")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "--lazy", str(folder)], check=False)
+
+
+def test_a_full_state_disk_falls_back_to_the_current_controls(small_disk):
     """No space for the horizon's saved state: no look-ahead, counted, and the signals keep being driven."""
-    full = tmp_path / "full"
-    full.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(full)],
-                      capture_output=True).returncode:
-        pytest.skip("mounting a small tmpfs needs root")
-    try:
-        filler = full / "filler"
-        with filler.open("wb") as fh, contextlib.suppress(OSError):
-            fh.write(b"x" * 64 * 1024)
-        expert = make_expert(None, "verified", horizon_s=300.0, lookahead_workers=1, state_dir=full)
-        scenario = get_scenario("grid2x2")
-        with controller_env(scenario, expert, EnvConfig(scenario="grid2x2", episode_seconds=900)) as env:
-            episode = play_episode(env, expert, 0, source="expert")
-            stats = expert.lookahead_stats()
-        assert episode.metrics["avg_delay"] > 0 and len(episode.actions) == 90
-        assert stats["snapshot_failed"] + stats["failed"] >= 3  # every horizon, counted
-        assert all(d["winner"] in (None,) or d["kind"] == "keep" for d in expert.decisions)
-    finally:
-        subprocess.run(["umount", str(full)], check=False)
+    full = small_disk("16k")
+    with (full / "filler").open("wb") as fh, contextlib.suppress(OSError):
+        fh.write(b"x" * 64 * 1024)
+    expert = make_expert(None, "verified", horizon_s=300.0, lookahead_workers=1, state_dir=full)
+    scenario = get_scenario("grid2x2")
+    with controller_env(scenario, expert, EnvConfig(scenario="grid2x2", episode_seconds=900)) as env:
+        episode = play_episode(env, expert, 0, source="expert")
+        stats = expert.lookahead_stats()
+    assert episode.metrics["avg_delay"] > 0 and len(episode.actions) == 90
+    assert stats["snapshot_failed"] + stats["failed"] >= 3  # every horizon, counted
+    assert all(d["winner"] is None or d["kind"] == "keep" for d in expert.decisions)
 
 
 def test_demos_generate_no_llm_writes_attribution_and_the_kept_replay(reled, tmp_path):
@@ -297,21 +310,14 @@ def test_demos_generate_refuses_no_llm_outside_verified_mode_and_a_dead_server(a
     assert not out.exists()
 
 
-def test_a_full_disk_for_the_store_is_one_line_and_leaves_nothing(reled, tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
-                      capture_output=True).returncode:
-        pytest.skip("mounting a small tmpfs needs root")
-    try:
-        proc = reled("demos", "generate", "--scenario", "grid2x2", "--no-llm", "--episode-seconds", "600",
-                     "--horizon", "300", "--lookahead-workers", "1", "--no-baselines", "--out", str(disk / "demos"))
-        errors = [line for line in proc.stderr.splitlines() if "error" in line]  # progress lines may precede it
-        assert proc.returncode == 2 and len(errors) == 1 and errors[0].startswith("error:"), proc.stderr
-        assert "No space left" in errors[0] and "nothing was written" in errors[0]
-        assert list(disk.iterdir()) == []  # no store, no temporary folder
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
+def test_a_full_disk_for_the_store_is_one_line_and_leaves_nothing(reled, small_disk):
+    disk = small_disk("64k")
+    proc = reled("demos", "generate", "--scenario", "grid2x2", "--no-llm", "--episode-seconds", "600",
+                 "--horizon", "300", "--lookahead-workers", "1", "--no-baselines", "--out", str(disk / "demos"))
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]  # progress lines may precede it
+    assert proc.returncode == 2 and len(errors) == 1 and errors[0].startswith("error:"), proc.stderr
+    assert "No space left" in errors[0] and "nothing was written" in errors[0]
+    assert list(disk.iterdir()) == []  # no store, no temporary folder
 
 
 def test_plan_controls_follow_their_plan_from_when_they_were_set():
@@ -324,3 +330,27 @@ def test_plan_controls_follow_their_plan_from_when_they_were_set():
     obs = {"A": {"observation": np.zeros(34, dtype=np.float32), "action_mask": np.ones(8, dtype=np.int8)}}
     assert controller.act(obs, {"A": {"time": 105.0}}) == {"A": 1}
     assert controller.act(obs, {"A": {"time": 130.0}}) == {"A": 0}
+
+
+@pytest.mark.slow
+def test_verified_demonstrations_with_the_embedded_model_record_what_the_llm_proposed(reled, tmp_path):
+    """The default mode end to end with SmolLM2: two LLM calls per subset and horizon, their proposals
+    evaluated beside the tools, and the run's attribution consistent with the horizons' records."""
+    out = tmp_path / "demos"
+    proc = reled("demos", "generate", "--scenario", "grid2x2", "--episode-seconds", "600", "--horizon", "300",
+                 "--lookahead-workers", "1", "--llm-timeout", "600", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    manifest = load_demos(out, scenario="grid2x2").manifest
+    assert manifest["mode"] == "verified" and manifest["prompt_version"] == "plan/1+strategy/1"
+    assert len(manifest["model"]["sha256"]) == 64 and not manifest["no_llm"]
+    llm = manifest["llm_totals"]
+    horizons = 2 * len(manifest["subsets"])
+    assert llm["calls"] == 2 * horizons and llm["late"] == llm["failed"] == 0
+    decisions = manifest["rounds"][0]["candidates"][0]["decisions"]
+    proposed = [c for d in decisions for c in d["candidates"] if c["source"] == "llm"]
+    assert len(proposed) == llm["valid"]  # every valid answer became a candidate, every one evaluated
+    assert all(c["score"] is not None for c in proposed)
+    attribution = manifest["attribution"]
+    assert attribution["choices"] == horizons
+    assert attribution["llm_wins"] == sum(d["source"] == "llm" for d in decisions)
+    assert attribution["llm_first_compared"] == sum(d["llm_first_queued_s"] is not None for d in decisions)
