@@ -354,3 +354,23 @@ def test_verified_demonstrations_with_the_embedded_model_record_what_the_llm_pro
     assert attribution["choices"] == horizons
     assert attribution["llm_wins"] == sum(d["source"] == "llm" for d in decisions)
     assert attribution["llm_first_compared"] == sum(d["llm_first_queued_s"] is not None for d in decisions)
+
+
+def test_follow_llm_runs_the_llms_strategy_even_when_the_lookahead_prefers_a_tool():
+    """--follow-llm measures what the LLM alone would give: its strategy runs, the pool is still recorded."""
+    scenario = get_scenario("grid2x2")
+    env_config = EnvConfig(scenario="grid2x2", episode_seconds=600)
+    with controller_env(scenario, make_expert(None, "verified"), env_config) as env:
+        labels = [f"I{k + 1}" for k in range(len(env.possible_agents))]
+    plan = json.dumps({label: {"order": [0, 1], "green": [60, 10], "offset": 0} for label in labels})
+    strategy = json.dumps({label: {"tool": "program"} for label in labels})
+    expert = make_expert(ScriptedBackend([plan, strategy] * 2), "verified", horizon_s=300.0, lookahead_workers=1,
+                         follow_llm=True)
+    with controller_env(scenario, expert, env_config) as env:
+        assert len(expert.contexts) == 1  # grid2x2: one subset of four lights
+        play_episode(env, expert, 0, source="expert")
+    assert [d["winner"] for d in expert.decisions] == ["llm-strategy", "llm-strategy"]
+    first = expert.decisions[0]
+    assert {"max-pressure", "greedy", "llm-plan"} <= {c["name"] for c in first["candidates"]}
+    assert first["llm_first"] == "llm-strategy" and first["llm_first_queued_s"] == first["winner_queued_s"]
+    assert all(c.origin == "llm:program" for c in expert.executor.controls)

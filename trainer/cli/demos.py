@@ -23,6 +23,9 @@ GENERATE = OptionGroup(
     Flag("baselines", bool, "Also run fixed-time and max-pressure on the same seed."),
     Flag("no_llm", bool, "Verified mode without the model: the same search over the classical tools only "
                          "(every figure's no-LLM twin).", "--no-llm/--llm"),
+    Flag("follow_llm", bool, "Verified mode: run the LLM's strategy answer whatever the look-ahead says (the pool "
+                             "is still evaluated and recorded): what the LLM alone would give. Not verified.",
+         "--follow-llm/--verify-llm"),
     Flag("lookahead_workers", int, "Verified mode: SUMO worker processes for the look-aheads.", min=1),
     Flag("lookahead_timeout", float, "Verified mode: seconds a look-ahead may take before its candidate is dropped "
                                      "(counted).", min=1),
@@ -73,7 +76,7 @@ def generate_command(
     from trainer.sed.plots import rounds_plot
     from trainer.sed.refine import RefineConfig
 
-    suffix = "-no-llm" if options.get("no_llm") else ""
+    suffix = "-no-llm" if options.get("no_llm") else "-follow-llm" if options.get("follow_llm") else ""
     out = out or Path("demos") / f"{Path(scenario).name}-{demand}-{mode}{suffix}"
     env_config = load_env_config(config, scenario=scenario, demand=demand, **env)
     request = GenerateRequest(env=env_config, mode=mode, llm=LLMSettings(**llm), refine=RefineConfig(**refine),

@@ -38,6 +38,7 @@ class GenerateRequest:
     policy: Path | None = None  # agent policy for D_j; None: a fresh actor (what training starts from)
     baselines: bool = True
     no_llm: bool = False  # verified mode without the model: the classical tools only (every figure's twin)
+    follow_llm: bool = False  # verified mode: run the LLM's strategy unverified (what the LLM alone would give)
     lookahead_workers: int = DEFAULT_LOOKAHEAD_WORKERS
     lookahead_timeout: float = DEFAULT_TIMEOUT_S
 
@@ -46,6 +47,8 @@ class GenerateRequest:
             raise RELEDError(f"unknown --mode {self.mode!r}: choose {', '.join(MODES)}")
         if self.no_llm and self.mode != "verified":
             raise RELEDError(f"--no-llm needs --mode verified ({self.mode} mode is the LLM alone)")
+        if self.follow_llm and (self.no_llm or self.mode != "verified"):
+            raise RELEDError("--follow-llm needs --mode verified and the model (not --no-llm)")
 
 
 def run_baselines(env: TrafficSignalEnv, seed: int) -> dict[str, dict[str, float]]:
@@ -70,7 +73,7 @@ def generate(request: GenerateRequest, out: Path, overwrite: bool, hook: RefineH
                                    "max_tokens": request.llm.max_tokens}
         if verified:
             options |= {"actor": actor, "score_config": request.refine, "lookahead_workers": request.lookahead_workers,
-                        "lookahead_timeout": request.lookahead_timeout}
+                        "lookahead_timeout": request.lookahead_timeout, "follow_llm": request.follow_llm}
         expert = make_expert(backend, request.mode, **options)
         result = refine(env, expert, actor, request.refine, hook, on_round)
         kept_replay = replay_kept(env, result, expert.contexts, seed)
@@ -112,7 +115,7 @@ def build_manifest(request: GenerateRequest, env: TrafficSignalEnv, backend: Any
         "mode": request.mode, "prompt_version": PROMPT_VERSIONS[request.mode],
         "model": {"backend": backend.description if backend else "none (--no-llm: the classical tools only)",
                   "sha256": backend.model_sha256 if backend else None, "file": str(model_file) if model_file else None},
-        "no_llm": request.no_llm,
+        "no_llm": request.no_llm, "follow_llm": request.follow_llm,
         "llm_settings": {k: v for k, v in asdict(request.llm).items() if k != "extra"},
         "config": {**asdict(request.refine.for_mode(request.mode)), "subset_size": request.subset_size,
                    "horizon_s": request.horizon_s, "lookahead_workers": request.lookahead_workers},

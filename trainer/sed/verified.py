@@ -84,6 +84,7 @@ class VerifiedExpert(PlanExpert):
     score_config: RefineConfig = field(default_factory=RefineConfig)
     actor: Actor | None = None  # π_θ of D_j; None: a fresh actor (what training starts from)
     state_dir: Path | None = None  # where the horizon's saved state goes; None: a temporary folder
+    follow_llm: bool = False  # run the LLM's strategy whatever the look-ahead says (what the LLM alone gives)
     needs_pressure: ClassVar[bool] = True
     needs_snapshots: ClassVar[bool] = True
 
@@ -168,8 +169,11 @@ class VerifiedExpert(PlanExpert):
                 llm = self._ask(j, pool, lights, [flows[k] for k in ctx.agents])
                 llm_first = next((c.name for c in llm if c.name == "llm-strategy"), None)
                 pool += self._run(j, llm, task, now, known=pool)
-            winner = best(pool)
-            if winner is not None:
+            followed = next((e for e in pool if e.candidate.name == llm_first and e.score is not None), None)
+            # follow_llm: the LLM's own first choice runs (if its look-ahead worked), unverified; the rest of
+            # the pool is still evaluated and recorded, so the run shows what verifying would have chosen
+            winner = followed if self.follow_llm else best(pool)
+            if winner is not None and not self.follow_llm:
                 pool += self._mix(j, winner, task, now, pool)
                 winner = best(pool)
             self._record(now, j, pool, winner, llm_first)
