@@ -171,7 +171,7 @@ def test_a_failed_write_leaves_no_store_behind(tmp_path: Path, monkeypatch: pyte
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(np, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(RELEDError, match="No space left on device; nothing was written"):
         write_demos(folder, {"scenario": "new"}, _columns(4), overwrite=True)
     assert load_demos(folder).manifest["scenario"] == "old"  # the previous store is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demos"]  # no temp folder left
