@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from edge_runtime.errors import RELEDError
+from trainer.sed.bounds import subset_score
 from trainer.sed.clusters import road_graph
 from trainer.sed.experts import InflowMeter, PlanExpert
 from trainer.sed.lookahead import DEFAULT_TIMEOUT_S, LookaheadPool, LookaheadResult, LookaheadTask
@@ -238,10 +239,11 @@ class VerifiedExpert(PlanExpert):
         return tried + self._run(j, [mixed], task, now, known + tried)
 
     def _evaluate(self, j: int, candidate: Candidate, result: LookaheadResult | None) -> Evaluated:
-        """The look-ahead score G_N − λ·Σ_i B_i: G_N the network's return (halting vehicles on every edge
-        plus those waiting to enter, normalised like the subsets' rewards), B_i each subset's bound. The
-        whole network, because a subset must not gain at its neighbours' or the entries' expense
-        (docs/sed.md says why not Σ G_i); subset j's own queue is reported beside it."""
+        """The look-ahead score G_N − λ·B_N: G_N the network's return (halting vehicles on every edge plus
+        those waiting to enter, per unit of the subsets' detector capacity, like a subset's G_j), B_N the
+        subsets' bounds averaged with the same weights. The whole network, because a subset must not gain
+        at its neighbours' or the entries' expense (docs/sed.md says why not G_j); subset j's own queue is
+        reported beside it."""
         if result is None:
             return Evaluated(candidate)
         meter = InflowMeter(self.contexts, self.env.intersections)
@@ -251,9 +253,10 @@ class VerifiedExpert(PlanExpert):
         config = self.score_config
         scores = [score_subset(result.episode, ctx, meter.totals(i), self.actor, self.env.timing.delta, config, i)
                   for i, ctx in enumerate(self.contexts)]
-        capacity = sum(ctx.capacity_vehicles for ctx in self.contexts)
-        network_return = -float(result.network_halting.mean()) / capacity / (1 - config.gamma)
-        score = network_return - config.lam * sum(s.bound for s in scores)
+        weights = np.array([ctx.capacity_vehicles for ctx in self.contexts])
+        network_return = -float(result.network_halting.mean()) / weights.sum() / (1 - config.gamma)
+        network_bound = float(np.dot(weights, [s.bound for s in scores]) / weights.sum())
+        score = subset_score(network_return, network_bound, config.lam)
         queued = float(-result.episode.rewards[:, list(self.contexts[j].agents)].sum() * self.env.timing.delta)
         return Evaluated(candidate, score, scores[j].mean_queue, queued, result)
 
