@@ -151,7 +151,8 @@ def report(folder: Path, out: Path, figure: Path) -> str:
     lines += ["", "Per seed (against the better of greedy and max-pressure on that seed):", "",
               "| scenario | demand | seed | best heuristic | no-LLM | verified | LLM's first choice queued / winners "
               "queued (veh·h) | wall (s) no-LLM / LLM |", "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(runs, key=lambda r: (SCENARIOS.index(r["scenario"]), r["demand"], r["seed"], r["variant"])):
+    for r in sorted(runs, key=lambda r: (SCENARIOS.index(r["scenario"]), DEMANDS.index(r["demand"]), r["seed"],
+                                         r["variant"])):
         if r["variant"] == FOLLOW:
             continue
         if r["variant"] != "llm" and any(o["variant"] == "llm" and o["scenario"] == r["scenario"]
