@@ -64,7 +64,9 @@ def ensure_sed(scenario: str, demand: str, seed: int, variant: str, runs: Path, 
                "avg_delay": demo["avg_delay"], "kept_replay_delay": manifest["kept_replay"]["avg_delay"],
                "baselines": {name: m["avg_delay"] for name, m in manifest["baselines"].items()},
                "attribution": manifest["attribution"], "llm": manifest["llm_totals"],
-               "lookahead": demo["lookahead"], "wall_seconds": seconds, "model": manifest["model"]}
+               "lookahead": demo["lookahead"], "wall_seconds": seconds,
+               "model": {**manifest["model"], "file": Path(manifest["model"]["file"]).name
+                         if manifest["model"]["file"] else None}}  # no machine paths in the docs
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, json.dumps(summary, indent=1))
     print(f"  {demo['avg_delay']:.1f} s (greedy {summary['baselines']['greedy']:.1f}, max-pressure "
