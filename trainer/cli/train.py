@@ -14,7 +14,8 @@ from trainer.cli.options import ENV, Flag, Given, OptionGroup, default_note
 
 TRAIN = OptionGroup(
     "trainer.marl.config:TrainConfig",
-    Flag("algo", str, "ippo (local critic) or mappo (centralized critic)"),
+    Flag("algo", str, "ippo (local critic), mappo (centralized critic) or reled (IPPO plus imitation of SED's "
+                      "demonstrations, weighted per agent)"),
     Flag("scenario", str, "Scenario name or folder"),
     Flag("demand", str, "Demand regime"),
     Flag("steps", int, "Agent-steps to train for (one intersection's decision each)"),
@@ -24,13 +25,30 @@ TRAIN = OptionGroup(
     Flag("eval_every", int, "Updates between evaluations"),
     Flag("eval_episodes", int, "Greedy episodes per evaluation"),
 )
+HPO = OptionGroup(
+    "trainer.marl.config:HPOConfig",
+    Flag("demos", str, "reled: demonstration store (`reled demos generate`) for the run's scenario, demand and "
+                       "timing", none="generate one at the start with SED's verified mode"),
+    Flag("expert_weight", str, "reled: adaptive (w_max·(1−exp(−d/σ))·sigmoid(gap)), fixed:X or none"),
+    Flag("w_max", float, "reled: largest imitation weight", min=0),
+    Flag("gate_scale", float, "reled: s of the gate, relative to |G_A| (0.1: a 10% better expert gives 0.73)",
+         min=1e-6),
+    Flag("gate", bool, "reled: close the weight when the expert's return is below the agent's"),
+    Flag("dtw", bool, "reled: scale the weight by the DTW distance to the expert (off: w_max·gate)"),
+    Flag("sed", bool, "reled: bound-guided demonstrations and SED passes (off: round-0 demonstrations with "
+                      "λ = 0, no passes)"),
+    Flag("sed_every", int, "reled: updates between SED passes (re-score, refine, replace); 0 = never", min=0),
+    Flag("sed_llm", bool, "reled: SED with the embedded LLM (off: the classical tools only)"),
+)
 # What --resume refuses (the run's own settings), in the order its error names them.
 RESUME_FIXED = ("algo", "scenario", "demand", "seed", "config", "name", "backend", "reward", "episode_seconds",
-                "episodes_per_update", "eval_every", "eval_episodes")
+                "episodes_per_update", "eval_every", "eval_episodes", "demos", "expert_weight", "w_max",
+                "gate_scale", "gate", "dtw", "sed", "sed_every", "sed_llm")
 
 
 def train_command(
     train: Given = TRAIN,
+    hpo: Given = HPO,
     env: Given = ENV,
     config: Annotated[Path | None, typer.Option(help="TOML with \\[train], \\[ppo], \\[env], \\[timing]; flags win. "
                                                      "See docs/training.md for every key.")] = None,
@@ -42,25 +60,27 @@ def train_command(
     show_config: Annotated[bool, typer.Option(help="Print the resolved configuration (every default, as TOML) "
                                                    "and exit.")] = False,
 ) -> None:
-    """Train a parameter-shared IPPO or MAPPO policy with parallel SUMO workers.
+    """Train a parameter-shared IPPO, MAPPO or RELED policy with parallel SUMO workers.
 
     Writes runs/NAME/: config.toml, latest.pt, best.pt (best evaluation delay), metrics.csv,
     evaluations.csv, summary.json, tb/ (TensorBoard) and curves.png. The headline figure is the
     mean delay of the last 10 evaluation episodes (the final policy's), not the best episode.
+    RELED runs also keep demos-vN/ (the demonstrations in force), hpo.csv (every agent's weight),
+    sed.csv (every SED pass) and reled.png.
     """
     from edge_runtime.errors import RELEDError
     from trainer.marl.config import load_train_config
     from trainer.marl.training import TrainingRun
 
     if resume is not None:
-        values = {**train, **env, "config": config, "name": name}
+        values = {**train, **hpo, **env, "config": config, "name": name}
         given = [f"--{key.replace('_', '-')}" for key in RESUME_FIXED if values.get(key) is not None]
         if given:
             raise RELEDError(f"--resume continues the run's own settings; drop {', '.join(given)} "
                              "(only --steps and --workers may change)")
         run = TrainingRun.resume(resume, steps=train.get("steps"), workers=train.get("workers"))
     else:
-        cfg = load_train_config(config, train=train, env=env)
+        cfg = load_train_config(config, train=train, hpo=hpo, env=env)
         if show_config:
             import tomli_w
 
@@ -77,7 +97,7 @@ def _stop_like_ctrl_c(signum: int, frame: object) -> None:
 
 
 def _train_with_progress(run: Any) -> None:
-    from trainer.marl.curves import learning_curves
+    from trainer.marl.curves import hpo_curves, learning_curves
 
     cfg, progress = run.config, run.progress
     console.print(f"[bold]{cfg.algo}[/] on {cfg.scenario}/{cfg.demand}, seed {cfg.seed}: {len(run.agents)} "
@@ -91,6 +111,8 @@ def _train_with_progress(run: Any) -> None:
             if row["eval_delay"] is not None:
                 latest["eval"] = row["eval_delay"]
                 learning_curves(run.folder)
+                if cfg.algo == "reled":
+                    hpo_curves(run.folder)
                 if not err_console.is_terminal:
                     console.print(f"update {row['update']}: {row['agent_steps']:,} agent-steps, train delay "
                                   f"{row['train_delay']:.1f} s, eval delay {row['eval_delay']:.1f} s, "

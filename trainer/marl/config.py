@@ -16,8 +16,9 @@ from edge_runtime.settings import build_section, read_sections, section_values, 
 from trainer.env import EnvConfig
 from trainer.scenarios import DecisionTiming
 
-Algo = Literal["ippo", "mappo"]
-ALGOS: tuple[str, ...] = ("ippo", "mappo")
+Algo = Literal["ippo", "mappo", "reled"]
+ALGOS: tuple[str, ...] = ("ippo", "mappo", "reled")
+WEIGHT_MODES = "adaptive, fixed:X or none"
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,50 @@ class PPOConfig:
 
 
 @dataclass(frozen=True)
+class HPOConfig:
+    """RELED's hybrid expert-agent policy optimization (the `[reled]` section; docs/training.md).
+
+    w_k = w_max · (1 − exp(−d_k/σ)) · sigmoid((G_E,k − G_A,k) / (s·|G_A,k|)), σ the running mean of d.
+    """
+
+    demos: str = ""  # a demonstration store; "" = generate one at the start (SED's verified mode)
+    expert_weight: str = "adaptive"  # adaptive (the formula), fixed:X (w_k = X) or none (w_k = 0)
+    w_max: float = 1.0  # the imitation term's largest weight (its NLL starts near log 4 ≈ 1.4)
+    gate_scale: float = 0.1  # s: a 10% better (worse) expert return gives sigmoid(±1) = 0.73 (0.27)
+    gate: bool = True  # off: the sigmoid factor is 1 (an expert worse than the agent still teaches)
+    dtw: bool = True  # off: the distance factor is 1 (w_k = w_max · gate)
+    sed: bool = True  # off: round-0 demonstrations without the bound (λ = 0) and no SED passes
+    sed_every: int = 25  # updates between SED passes (re-score D_j, refine, replace); 0 = never
+    sed_llm: bool = True  # SED with the embedded LLM (off: the classical tools only, --no-llm)
+
+    def __post_init__(self) -> None:
+        self.fixed_weight()  # validates expert_weight
+        if self.w_max < 0 or self.gate_scale <= 0 or self.sed_every < 0:
+            raise RELEDError("reled w_max must be >= 0, gate_scale > 0 and sed_every >= 0")
+
+    def fixed_weight(self) -> float | None:
+        """The constant weight of ``fixed:X`` (0 for ``none``); None for the adaptive formula."""
+        mode = self.expert_weight
+        if mode == "adaptive":
+            return None
+        if mode == "none":
+            return 0.0
+        if mode.startswith("fixed:"):
+            try:
+                value = float(mode.removeprefix("fixed:"))
+            except ValueError:
+                value = -1.0
+            if value >= 0:
+                return value
+        raise RELEDError(f"--expert-weight {mode!r} is not one of {WEIGHT_MODES} (X a number >= 0, e.g. fixed:0.5)")
+
+    @property
+    def refines(self) -> bool:
+        """Whether SED passes run during training."""
+        return self.sed and self.sed_every > 0
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """What one run trains (the `[train]` section) plus the PPO settings and environment."""
 
@@ -55,6 +100,7 @@ class TrainConfig:
     eval_episodes: int = 2  # evaluation episodes each time (SUMO seeds continue across evaluations)
     threads: int = 2  # torch threads of the learner
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    hpo: HPOConfig = field(default_factory=HPOConfig)  # used by algo reled only
     env: EnvConfig = field(default_factory=EnvConfig)
 
     def __post_init__(self) -> None:
@@ -72,25 +118,30 @@ class TrainConfig:
 
     def as_dict(self) -> dict[str, Any]:
         """TOML-ready: sections [train], [ppo], [env], [timing]; None values left out."""
-        train = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("ppo", "env")}
+        train = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in NESTED}
         env = {k: v for k, v in dataclasses.asdict(self.env).items() if v is not None and k in TRAIN_ENV_KEYS}
         out = {"train": train, "ppo": dataclasses.asdict(self.ppo), "env": env}
+        if self.algo == "reled":
+            out["reled"] = dataclasses.asdict(self.hpo)
         if self.env.timing is not None:
             out["timing"] = dataclasses.asdict(self.env.timing)
         return out
 
 
-TRAIN_KEYS = settings_keys(TrainConfig, exclude=("ppo", "env"))
+NESTED = ("ppo", "hpo", "env")  # TrainConfig fields that are sections of their own
+TRAIN_KEYS = settings_keys(TrainConfig, exclude=NESTED)
 # what a training run may set in [env]; fixed-time mode, the GUI and metrics-off make no sense in training,
 # and scenario / demand belong to [train]
 TRAIN_ENV_KEYS = {"reward", "backend", "episode_seconds", "detector_range", "time_to_teleport"}
 SECTIONS: dict[str, tuple[type, set[str]]] = {
     "train": (TrainConfig, TRAIN_KEYS), "ppo": (PPOConfig, settings_keys(PPOConfig)),
+    "reled": (HPOConfig, settings_keys(HPOConfig)),
     "env": (EnvConfig, TRAIN_ENV_KEYS), "timing": (DecisionTiming, settings_keys(DecisionTiming))}
 
 
 def load_train_config(path: Path | None, *, train: dict[str, Any], ppo: dict[str, Any] | None = None,
-                      env: dict[str, Any] | None = None, timing: dict[str, Any] | None = None) -> TrainConfig:
+                      hpo: dict[str, Any] | None = None, env: dict[str, Any] | None = None,
+                      timing: dict[str, Any] | None = None) -> TrainConfig:
     """File values first, then every flag that is not None; unknown keys and wrong types are refused."""
     given: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if path is not None:
@@ -98,12 +149,16 @@ def load_train_config(path: Path | None, *, train: dict[str, Any], ppo: dict[str
     source = f"config file {path}" if path is not None else "flags"
     values = {name: section_values(source, name, given[name], cls, allowed=keys)
               for name, (cls, keys) in SECTIONS.items()}
-    for name, flags in (("train", train), ("ppo", ppo or {}), ("env", env or {}), ("timing", timing or {})):
+    for name, flags in (("train", train), ("ppo", ppo or {}), ("reled", hpo or {}), ("env", env or {}),
+                        ("timing", timing or {})):
         cls, keys = SECTIONS[name]
         values[name].update(section_values("flags", name, {k: v for k, v in flags.items() if v is not None},
                                            cls, allowed=keys))
     timing_cfg = build_section(source, "timing", values["timing"], DecisionTiming) if values["timing"] else None
+    if values["reled"] and values["train"].get("algo", TrainConfig.algo) != "reled":
+        raise RELEDError(f"{', '.join(sorted(values['reled']))}: RELED settings need --algo reled")
     return build_section(source, "train", values["train"], TrainConfig, allowed=TRAIN_KEYS,
                          ppo=build_section(source, "ppo", values["ppo"], PPOConfig),
+                         hpo=build_section(source, "reled", values["reled"], HPOConfig),
                          env=build_section(source, "env", values["env"], EnvConfig, allowed=TRAIN_ENV_KEYS,
                                            timing=timing_cfg))

@@ -7,7 +7,15 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from trainer.marl.run_folder import CURVES_FILE, EVALUATIONS_FILE, METRICS_FILE, CsvLog
+from trainer.marl.run_folder import (
+    CURVES_FILE,
+    EVALUATIONS_FILE,
+    HPO_FILE,
+    METRICS_FILE,
+    RELED_CURVES_FILE,
+    SED_FILE,
+    CsvLog,
+)
 from trainer.plots import save_figure
 
 
@@ -47,6 +55,59 @@ def learning_curves(folder: Path) -> Path:
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(folder.name)
     return save_figure(fig, folder / CURVES_FILE)
+
+
+def hpo_curves(folder: Path) -> Path:
+    """RELED's diagnostics beside the delay curve: per-agent weights, the imitation share and the gate,
+    and D_j / B_j of the demonstrations in force at every SED pass."""
+    metrics = CsvLog(folder / METRICS_FILE).read()
+    evals = CsvLog(folder / EVALUATIONS_FILE).read()
+    agents = CsvLog(folder / HPO_FILE).read()
+    passes = [r for r in CsvLog(folder / SED_FILE).read() if r["adopted"] == "1"]
+    steps = _column(metrics, "agent_steps")
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), sharex=True)
+    ax = axes[0, 0]
+    ax.plot(steps, _column(metrics, "train_delay"), color="#bbbbbb", lw=1, label="training episodes")
+    if evals:
+        e_steps, _, e_delay = _eval_means(evals)
+        ax.plot(e_steps, e_delay, "o-", color="#C44E52", ms=3, label="evaluation (greedy actions)")
+    ax.set_yscale("log")
+    ax.set_ylabel("average delay (s, log)")
+    ax.legend(fontsize=8)
+    ax = axes[0, 1]
+    for name in sorted({r["agent"] for r in agents}):
+        mine = [r for r in agents if r["agent"] == name]
+        ax.plot(_column(mine, "agent_steps"), _column(mine, "weight"), lw=0.8, alpha=0.5)
+    ax.plot(steps, _column(metrics, "hpo/w_mean"), color="black", lw=2, label="mean over agents")
+    ax.set_ylabel("imitation weight w_k")
+    ax.legend(fontsize=8)
+    ax = axes[1, 0]
+    ax.plot(steps, _column(metrics, "loss/imitation_share"), color="#4C72B0", label="imitation share of the loss")
+    ax.plot(steps, _column(metrics, "hpo/gate_open"), color="#55A868", label="agents whose expert is better")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("share")
+    ax.legend(fontsize=8)
+    twin = ax.twinx()
+    twin.plot(steps, _column(metrics, "hpo/d_mean") / _column(metrics, "hpo/sigma"), color="#8172B2", lw=1,
+              ls="--", label="mean d_k / σ")
+    twin.set_ylabel("d / σ")
+    twin.legend(fontsize=8, loc="lower right")
+    ax = axes[1, 1]
+    if passes:
+        at = {int(r["update"]): float(m["agent_steps"]) for m in metrics for r in passes
+              if m["update"] == r["update"]}
+        for subset in sorted({r["subset"] for r in passes}):
+            mine = [r for r in passes if r["subset"] == subset]
+            x = [at.get(int(r["update"]), np.nan) for r in mine]
+            ax.plot(x, _column(mine, "divergence"), "o-", label=f"D_{subset}")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no SED pass yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylabel("policy divergence D_j at SED passes")
+    for a in axes[1]:
+        a.set_xlabel("agent-steps")
+    fig.suptitle(f"{folder.name}: RELED's hybrid objective")
+    return save_figure(fig, folder / RELED_CURVES_FILE)
 
 
 def compare_plot(groups: dict[str, list[Path]], path: Path, title: str,

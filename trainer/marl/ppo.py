@@ -27,6 +27,7 @@ class PPOLearner:
         self.ppo = ppo
         self.n_agents = n_agents
         self.centralized = config.algo == "mappo"
+        self.imitates = config.algo == "reled"  # RELED: IPPO plus the imitation term on expert rows
         torch.manual_seed(config.seed)
         self.actor = Actor(ppo.hidden, ppo.layers, ppo.normalize_obs)
         self.critic = Critic(critic_input_size(n_agents, self.centralized), ppo.hidden, ppo.layers)
@@ -57,7 +58,7 @@ class PPOLearner:
                 obs=obs.flatten(0, 1), masks=masks.flatten(0, 1), actions=actions.flatten(),
                 old_log_probs=log_probs, advantages=advantages.flatten(), returns=returns.flatten(),
                 critic_in=raw_critic_in[:-1].flatten(0, 1),
-                from_expert=torch.from_numpy(ep.from_expert).flatten()))
+                from_expert=torch.from_numpy(ep.from_expert).flatten(), weight=torch.zeros(actions.numel())))
         return RolloutBatch.concat(parts)
 
     def _update_return_norm(self, episodes: list[Episode]) -> None:
@@ -90,11 +91,23 @@ class PPOLearner:
                 "approx_kl": float((mb.old_log_probs[agent] - log_probs).mean()),
                 "clip_fraction": float(((ratio - 1).abs() > self.ppo.clip).float().mean()),
             }
-        return {
+        terms = {
             "policy": -torch.min(ratio * adv, clipped * adv).mean(),
             "value": self.ppo.value_coef * (values - mb.returns[agent]).square().mean(),
             "entropy": -self.ppo.entropy_coef * dist.entropy().mean(),
         }
+        if self.imitates:
+            terms["imitation"] = self.imitation_term(mb)
+        return terms
+
+    def imitation_term(self, mb: RolloutBatch) -> torch.Tensor:
+        """Mean over the minibatch's expert rows of w_k · (−log π_θ(a_E | o)); masked phases have
+        probability 0 and get no gradient, and the expert's phase is always an allowed one."""
+        expert = mb.from_expert
+        if not bool(expert.any()):
+            return torch.zeros(())
+        log_probs = self.actor.distribution(mb.obs[expert], mb.masks[expert]).log_prob(mb.actions[expert])
+        return -(mb.weight[expert] * log_probs).mean()
 
     def _normalized_critic_in(self, critic_in: torch.Tensor) -> torch.Tensor:
         """Critic inputs are stored raw; normalize each agent's observation block with the actor's
@@ -124,6 +137,7 @@ class PPOLearner:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, self.ppo.max_grad_norm)
                 self.optimizer.step()
                 stats = {**{f"loss/{k}": v.item() for k, v in terms.items()}, "loss/total": total.item(),
+                         **({"loss/imitation_share": _share(terms, "imitation")} if "imitation" in terms else {}),
                          "grad_norm": float(grad_norm), **self._diagnostics}
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -142,3 +156,9 @@ class PPOLearner:
         self.return_norm.load_state_dict(state["return_norm"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
+
+
+def _share(terms: dict[str, torch.Tensor], name: str) -> float:
+    """|term| / Σ|terms|: the share of the loss one term carries."""
+    total = sum(abs(v.item()) for v in terms.values())
+    return abs(terms[name].item()) / total if total > 0 else 0.0

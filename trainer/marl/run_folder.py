@@ -26,10 +26,15 @@ METRICS_FILE = "metrics.csv"
 EVALUATIONS_FILE = "evaluations.csv"
 SUMMARY_FILE = "summary.json"
 CURVES_FILE = "curves.png"
+RELED_CURVES_FILE = "reled.png"  # RELED: weights, imitation share, gate, D_j beside the delay
 LATEST = "latest.pt"
 BEST = "best.pt"
 EVAL_COLUMNS = ["update", "agent_steps", "wall_seconds", "final", "seed", "avg_delay", "avg_travel_time",
                 "avg_waiting_time", "throughput", "teleports"]
+HPO_FILE = "hpo.csv"  # RELED: every agent's imitation weight and what it came from, per update
+HPO_COLUMNS = ["update", "agent_steps", "agent", "weight", "distance", "expert_return", "agent_return", "gap"]
+SED_FILE = "sed.csv"  # RELED: every SED pass, per subset, the kept and the fresh demonstration's scores
+SED_COLUMNS = ["update", "source", "adopted", "subset", "ret", "epsilon", "divergence", "bound", "score"]
 LAST_N = 10  # the final-policy figure: mean delay of the last 10 evaluation episodes
 
 
@@ -45,6 +50,9 @@ class RunProgress:
     best_delay: float = math.inf
     best_update: int = -1
     finished: bool = False
+    sed_seconds: float = 0.0  # RELED: wall-clock spent making and renewing demonstrations (in wall_seconds)
+    demos_version: int = 0  # RELED: the demos-vN folder in force
+    sed_passes: int = 0
     history: list[float] = field(default_factory=list)  # eval-episode delays, for the last-10 figure
 
 
@@ -114,6 +122,8 @@ def summary(config: TrainConfig, progress: RunProgress) -> dict[str, Any]:
         "last10_episodes": len(last),
         "best_eval_delay": progress.best_delay if math.isfinite(progress.best_delay) else None,
         "best_update": progress.best_update,
+        **({"sed_seconds": progress.sed_seconds, "sed_passes": progress.sed_passes,
+            "demos_version": progress.demos_version} if config.algo == "reled" else {}),
     }
 
 

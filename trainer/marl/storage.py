@@ -25,6 +25,7 @@ class RolloutBatch:
     returns: torch.Tensor  # [B] in scaled reward units
     critic_in: torch.Tensor  # [B, C]
     from_expert: torch.Tensor  # [B] bool
+    weight: torch.Tensor  # [B] imitation weight w_k of an expert row (0 on agent rows)
 
     def __len__(self) -> int:
         return int(self.actions.shape[0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -23,20 +24,34 @@ from edge_runtime.errors import RELEDError
 from trainer.env import TrafficSignalEnv
 from trainer.marl.checkpoint import check_scenario, load_checkpoint, save_checkpoint
 from trainer.marl.config import TrainConfig
+from trainer.marl.expert_demos import (
+    RunFacts,
+    demos_folder,
+    initial_demos,
+    open_demos,
+    remove_other_versions,
+    sed_pass,
+)
+from trainer.marl.hpo import Demonstrations, HybridObjective, weight_summary
 from trainer.marl.ppo import PPOLearner
 from trainer.marl.run_folder import (
     BEST,
     EVAL_COLUMNS,
     EVALUATIONS_FILE,
+    HPO_COLUMNS,
+    HPO_FILE,
     LAST_N,
     LATEST,
     METRICS_FILE,
+    SED_COLUMNS,
+    SED_FILE,
     CsvLog,
     RunProgress,
     read_config,
     write_config,
     write_summary,
 )
+from trainer.marl.storage import RolloutBatch
 from trainer.marl.workers import ActorSpec, EpisodeJob, ProcessWorkers, RolloutWorkers
 from trainer.scenarios import get_scenario
 
@@ -44,6 +59,7 @@ log = logging.getLogger(__name__)
 UpdateHook = Callable[[dict[str, Any]], None]
 SEED_STRIDE = 100_000  # training episode k of seed s plays SUMO seed s * SEED_STRIDE + k
 PERIODIC_EVAL_SEED = 1_000  # periodic evaluation episode k plays SUMO seed 1000 + k
+SED_STATS = ("sed_seconds", "sed/D_mean", "sed/B_mean", "sed/replaced")  # metrics.csv, empty without a pass
 
 
 class TrainingRun:
@@ -59,12 +75,24 @@ class TrainingRun:
         probe = TrafficSignalEnv(config.env, resolved=scenario)
         self.agents = list(probe.possible_agents)
         self.n_phases = [i.n_phases for i in probe.intersections]
+        self.facts = RunFacts(scenario.name, self.agents, config.demand, config.env.reward, asdict(probe.timing),
+                              probe.end_time - scenario.begin)
         probe.close()
         self.learner = PPOLearner(config, len(self.agents))
         if learner_state is not None:
             self.learner.load_state_dict(learner_state)
         self.metrics = CsvLog(folder / METRICS_FILE)
         self.evaluations = CsvLog(folder / EVALUATIONS_FILE, EVAL_COLUMNS)
+        self.hpo_log = CsvLog(folder / HPO_FILE, HPO_COLUMNS)
+        self.sed_log = CsvLog(folder / SED_FILE, SED_COLUMNS)
+        self.objective: HybridObjective | None = None  # RELED's imitation term, once its demonstrations are there
+
+    def _attach_demos(self, state: dict[str, Any] | None = None) -> None:
+        """Load the demonstrations the checkpoint names (RELED runs only)."""
+        demos = open_demos(demos_folder(self.folder, self.progress.demos_version), self.facts)
+        self.objective = HybridObjective(self.config.hpo, Demonstrations(demos, len(self.agents)))
+        if state is not None:
+            self.objective.load_state_dict(state)
 
     @classmethod
     def create(cls, folder: Path, config: TrainConfig) -> TrainingRun:
@@ -72,7 +100,18 @@ class TrainingRun:
             raise RELEDError(f"run folder {folder} already exists: use --resume {folder} to continue it, "
                              "or --name to start another")
         run = cls(folder, config, RunProgress(), None)  # checks the scenario before anything is written
+        if config.algo == "reled" and config.hpo.demos:
+            open_demos(Path(config.hpo.demos), run.facts)  # a store that cannot teach this run: refused now
         folder.mkdir(parents=True, exist_ok=True)
+        if config.algo == "reled":
+            try:
+                seconds = initial_demos(folder, config, run.facts)
+            except BaseException:  # nothing half-made is left for --resume to trip on
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            # the demonstrations' cost is part of RELED's wall-clock (experiment b)
+            run.progress.sed_seconds = run.progress.wall_seconds = seconds
+            run._attach_demos()
         write_config(folder, config)
         return run
 
@@ -88,8 +127,11 @@ class TrainingRun:
             progress.finished = False
         run = cls(folder, config, progress, data["learner"])
         check_scenario(data, folder / LATEST, config.scenario, run.agents, run.n_phases)
-        run.metrics.truncate_after(progress.updates)
-        run.evaluations.truncate_after(progress.updates)
+        if config.algo == "reled":
+            remove_other_versions(folder, progress.demos_version)
+            run._attach_demos(data["hpo"])
+        for csv_log in (run.metrics, run.evaluations, run.hpo_log, run.sed_log):
+            csv_log.truncate_after(progress.updates)
         write_config(folder, config)
         return run
 
@@ -123,13 +165,29 @@ class TrainingRun:
         episodes = pool.collect(self.learner.actor.state_dict(), jobs)
         collected = time.perf_counter()
         lr = cfg.ppo.lr * (1 - (1 - cfg.ppo.lr_final_fraction) * min(1.0, progress.agent_steps / cfg.steps))
-        stats = self.learner.update(self.learner.prepare(episodes), lr)
+        batch = self.learner.prepare(episodes)
+        hpo_stats: dict[str, Any] = {}
+        if self.objective is not None:
+            hpo_start = time.perf_counter()
+            weights = self.objective.weigh(episodes, self.learner.actor)  # the normalizer the episodes saw
+            batch = RolloutBatch.concat([batch, self.objective.expert_rows(weights, batch.critic_in.shape[1])])
+            hpo_stats = {**weight_summary(weights, self.objective.sigma),
+                         "hpo_seconds": time.perf_counter() - hpo_start, **dict.fromkeys(SED_STATS)}
+        stats = self.learner.update(batch, lr)
         self.learner.observe(episodes)
         learned = time.perf_counter()
         progress.updates += 1
         progress.episodes += len(episodes)
         progress.agent_steps += sum(ep.agent_steps for ep in episodes)
         final = progress.agent_steps >= cfg.steps
+        if self.objective is not None:
+            for w in weights:
+                self.hpo_log.append({"update": progress.updates, "agent_steps": progress.agent_steps,
+                                     "agent": self.agents[w.agent], "weight": w.weight, "distance": w.distance,
+                                     "expert_return": w.expert_return, "agent_return": w.agent_return,
+                                     "gap": w.gap})
+            if cfg.hpo.refines and progress.updates % cfg.hpo.sed_every == 0 and not final:
+                hpo_stats |= self._sed_pass()
         eval_delay = None
         if final or progress.updates % cfg.eval_every == 0:
             eval_delay = self._evaluate(pool, LAST_N if final else cfg.eval_episodes, final,
@@ -147,10 +205,29 @@ class TrainingRun:
             "collect_seconds": collected - start, "learn_seconds": learned - collected,
             "sim_seconds": sum(ep.sim_seconds for ep in episodes),
             "policy_seconds": sum(ep.policy_seconds for ep in episodes),
+            **hpo_stats,
         }
         self.metrics.append(row)
         self._checkpoint(eval_delay)
         return row
+
+    def _sed_pass(self) -> dict[str, Any]:
+        """A SED pass between updates (the rollout workers are idle, so SUMO and llama.cpp do not share cores)."""
+        start = time.perf_counter()
+        assert self.objective is not None
+        result = sed_pass(self.folder, self.progress.demos_version, self.config, self.facts,
+                          self.learner.actor, self.progress.updates)
+        for row in result.rows:
+            self.sed_log.append(row)
+        if result.version != self.progress.demos_version:
+            self.progress.demos_version = result.version
+            self._attach_demos(self.objective.state_dict())
+        self.progress.sed_passes += 1
+        seconds = time.perf_counter() - start
+        self.progress.sed_seconds += seconds
+        kept = [r for r in result.rows if r["adopted"]]
+        return dict(zip(SED_STATS, (seconds, _mean(r["divergence"] for r in kept), _mean(r["bound"] for r in kept),
+                                    len(result.replaced)), strict=True))
 
     def _evaluate(self, pool: RolloutWorkers, n: int, final: bool, wall: float) -> float:
         progress = self.progress
@@ -176,7 +253,11 @@ class TrainingRun:
         payload = {"algo": self.config.algo, "scenario": self.config.scenario, "demand": self.config.demand,
                    "agents": self.agents, "n_phases": self.n_phases, "config": self.config.as_dict(),
                    "learner": self.learner.state_dict(), "progress": asdict(progress)}
+        if self.objective is not None:
+            payload["hpo"] = self.objective.state_dict()
         save_checkpoint(self.folder / LATEST, payload)
+        if self.objective is not None:  # the checkpoint names the demonstrations in force: drop older ones
+            remove_other_versions(self.folder, progress.demos_version)
         if improved:
             save_checkpoint(self.folder / BEST, payload)
         write_summary(self.folder, self.config, progress)

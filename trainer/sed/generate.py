@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from edge_runtime.features import MAX_PHASES
 from trainer.controllers import make_controller
 from trainer.env import EnvConfig, TrafficSignalEnv
 from trainer.evaluate import evaluate
+from trainer.marl.networks import Actor
 from trainer.sed.experts import DEFAULT_HORIZON_S, MODES, make_expert
 from trainer.sed.llm import LLMSettings, open_backend
 from trainer.sed.lookahead import DEFAULT_TIMEOUT_S
@@ -58,8 +60,13 @@ def run_baselines(env: TrafficSignalEnv, seed: int) -> dict[str, dict[str, float
 
 
 def generate(request: GenerateRequest, out: Path, overwrite: bool, hook: RefineHook | None = None,
-             on_round: Callable[[int, list[Demonstration]], None] | None = None) -> dict[str, Any]:
-    """Run SED and write the store; returns the manifest. Nothing is written unless everything succeeded."""
+             on_round: Callable[[int, list[Demonstration]], None] | None = None,
+             actor: Actor | None = None) -> dict[str, Any]:
+    """Run SED and write the store; returns the manifest. Nothing is written unless everything succeeded.
+
+    ``actor`` is π_θ of the bound when given (a training run's current policy), else ``request.policy``.
+    """
+    started = time.perf_counter()
     check_free(out, overwrite)
     verified = request.mode == "verified"
     env = TrafficSignalEnv(request.env, with_inflow=True, with_pressure=True, snapshots=verified)
@@ -67,7 +74,8 @@ def generate(request: GenerateRequest, out: Path, overwrite: bool, hook: RefineH
     expert = None
     try:
         seed = request.refine.seed
-        actor, actor_label = agent_actor(request.policy, env, seed)
+        actor, actor_label = (actor, "the training run's current policy") if actor is not None else \
+            agent_actor(request.policy, env, seed)
         baselines = run_baselines(env, seed) if request.baselines else {}
         options: dict[str, Any] = {"subset_size": request.subset_size, "horizon_s": request.horizon_s,
                                    "max_tokens": request.llm.max_tokens}
@@ -79,6 +87,7 @@ def generate(request: GenerateRequest, out: Path, overwrite: bool, hook: RefineH
         kept_replay = replay_kept(env, result, expert.contexts, seed)
         manifest = build_manifest(request, env, backend, expert.contexts, result, baselines, actor_label)
         manifest["kept_replay"] = kept_replay
+        manifest["wall_seconds"] = time.perf_counter() - started  # what the demonstrations cost, SUMO and LLM
         manifest = write_demos(out, manifest, kept_columns(result, expert.contexts), overwrite)
     finally:
         if expert is not None:

@@ -1,0 +1,89 @@
+"""What the paper's experiments run: one ``Run`` per training run, grouped by experiment (a)-(e).
+
+Two profiles: ``full`` (the figures of docs/results/reled.md) and ``quick`` (CI's smoke test: two
+tiny scenarios, short runs, one seed, minutes). Every run is named by its settings, so a run that
+exists and finished is skipped and one that stopped is resumed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ALGOS = ("ippo", "mappo", "reled")
+DEMANDS = ("moderate", "congested")
+SEEDS = (0, 1, 2)
+RESCO_TIMING = "configs/resco_timing.toml"
+# RELED's ablations (experiment e): the flags of `reled train --algo reled` that switch one part off.
+ABLATIONS: dict[str, tuple[str, ...]] = {
+    "no-gate": ("--no-gate",),
+    "no-dtw": ("--no-dtw",),
+    "no-sed": ("--no-sed",),
+    "fixed-0.5": ("--expert-weight", "fixed:0.5"),
+    "none": ("--expert-weight", "none"),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    experiment: str  # a, c, e, resco (b and d reuse the runs of a)
+    scenario: str
+    demand: str
+    algo: str
+    seed: int
+    steps: int
+    timing: str | None = None  # a TOML with [timing] (RESCO's); None: the scenario's (RELED's default)
+    variant: str = ""  # an ablation name (experiment e)
+    flags: tuple[str, ...] = field(default=())
+
+    @property
+    def key(self) -> str:
+        timing = "-resco" if self.timing else ""
+        variant = f"-{self.variant}" if self.variant else ""
+        return f"{self.algo}{variant}-{self.scenario}{timing}-{self.demand}-s{self.seed}"
+
+    @property
+    def demos_key(self) -> str:
+        """The demonstration store a RELED run starts from (shared by its ablations)."""
+        timing = "-resco" if self.timing else ""
+        return f"{self.scenario}{timing}-{self.demand}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    runs: list[Run]
+    zero_shot: list[tuple[str, str, str, str]]  # (train scenario, train demand, eval scenario, eval demand)
+    heuristics_episodes: int  # SUMO seeds of the reference lines
+    sed_every: int  # RELED's SED passes during training
+
+
+def full() -> Profile:
+    """The experiments of docs/results/reled.md, most informative first (the runner goes in this order)."""
+    steps = 288_000
+    runs: list[Run] = []
+    for scenario in ("cologne8", "orlando", "hong_kong"):
+        for demand in DEMANDS:
+            runs += [Run("a", scenario, demand, algo, seed, steps) for seed in SEEDS for algo in ALGOS]
+    runs += [Run("e", "cologne8", "moderate", "reled", seed, steps, variant=name, flags=flags)
+             for name, flags in ABLATIONS.items() for seed in SEEDS]
+    runs += [Run("resco", net, "moderate", algo, seed, 576_000, timing=RESCO_TIMING)
+             for net in ("cologne8", "ingolstadt7") for seed in SEEDS for algo in ("ippo", "reled")]
+    runs += [Run("c", net, "moderate", algo, 0, steps) for net in
+             ("cologne1", "cologne3", "grid4x4", "grid6x6") for algo in ("ippo", "reled")]
+    zero_shot = [(s, "moderate", s, "congested") for s in ("cologne8", "orlando", "hong_kong")]
+    zero_shot += [("cologne8", "moderate", "orlando", "moderate"), ("orlando", "moderate", "cologne8", "moderate"),
+                  ("cologne8", "moderate", "hong_kong", "moderate"), ("hong_kong", "moderate", "orlando", "moderate")]
+    return Profile("full", runs, zero_shot, heuristics_episodes=10, sed_every=25)
+
+
+def quick() -> Profile:
+    """Minutes on 2 cores: every experiment type once, on tiny scenarios, to prove the pipeline end to end."""
+    steps = 2_880
+    runs = [Run("a", "grid2x2", "moderate", algo, 0, steps) for algo in ALGOS]
+    runs += [Run("e", "grid2x2", "moderate", "reled", 0, steps, variant="no-gate", flags=ABLATIONS["no-gate"])]
+    runs += [Run("c", "cologne1", "moderate", algo, 0, steps) for algo in ("ippo", "reled")]
+    zero_shot = [("grid2x2", "moderate", "grid2x2", "congested"), ("grid2x2", "moderate", "cologne1", "moderate")]
+    return Profile("quick", runs, zero_shot, heuristics_episodes=1, sed_every=2)
+
+
+PROFILES = {"full": full, "quick": quick}
