@@ -55,6 +55,8 @@ class Profile:
     zero_shot: list[tuple[str, str, str, str]]  # (train scenario, train demand, eval scenario, eval demand)
     heuristics_episodes: int  # SUMO seeds of the reference lines
     sed_every: int  # RELED's SED passes during training
+    eval_every: int = 2  # updates between greedy evaluations: 25 in a 50-update run, for the last-20 variance
+    eval_episodes: int = 1
 
 
 def full() -> Profile:

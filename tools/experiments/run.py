@@ -103,7 +103,8 @@ class Runner:
             return
         cmd = [reled(), "train", "--algo", run.algo, "--scenario", run.scenario, "--demand", run.demand,
                "--seed", str(run.seed), "--steps", str(run.steps), "--workers", str(self.workers),
-               "--runs-dir", str(folder.parent), "--name", run.key, *self.timing_args(run)]
+               "--runs-dir", str(folder.parent), "--name", run.key, "--eval-every", str(self.profile.eval_every),
+               "--eval-episodes", str(self.profile.eval_episodes), *self.timing_args(run)]
         if run.algo == "reled":
             demos = self.demos(run)
             if demos is None:

@@ -1,0 +1,374 @@
+"""docs/results/reled.md from the finished experiment runs: figures (a)-(e), tables, targets.
+
+Reads OUT/runs/*/ (summary.json, evaluations.csv, metrics.csv), OUT/heuristics/*.json and
+OUT/zero_shot/*.json as tools/experiments/run.py leaves them; whatever has not finished is listed as
+missing, never guessed. Writes the page, its PNG figures and a JSON of every number.
+
+    .venv/bin/python tools/experiments/report.py                    # out/experiments -> docs/results/reled.md
+    .venv/bin/python tools/experiments/report.py --quick            # out/experiments-quick -> out/.../reled.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from plan import ABLATIONS, PROFILES, SEEDS, Run
+
+ROOT = Path(__file__).resolve().parents[2]
+LAST_N, STABILITY_N = 10, 20
+PUBLISHED_RESCO_BEST = {"cologne8": 21.6, "ingolstadt7": 31.2}  # best published (MPLight/IDQN...), REFERENCE.md
+COLORS = {"ippo": "#4C72B0", "mappo": "#55A868", "reled": "#C44E52"}
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@dataclass
+class Curve:
+    """One run's periodic greedy evaluations (mean per evaluation) and its training reward per update."""
+
+    key: str
+    steps: np.ndarray
+    wall: np.ndarray
+    delay: np.ndarray
+    travel: np.ndarray
+    reward_steps: np.ndarray
+    reward: np.ndarray
+    summary: dict[str, Any]
+    eval_delays: list[float]  # every periodic evaluation's mean, in order (stability)
+
+    @property
+    def final(self) -> float:
+        return float(self.summary["last10_delay"])
+
+
+def load_curve(folder: Path) -> Curve | None:
+    summary_path = folder / "summary.json"
+    if not summary_path.is_file() or not json.loads(summary_path.read_text()).get("finished"):
+        return None
+    summary = json.loads(summary_path.read_text())
+    evals = [r for r in read_csv(folder / "evaluations.csv") if r["final"] == "0"]
+    updates = sorted({int(r["update"]) for r in evals})
+    rows = [[r for r in evals if int(r["update"]) == u] for u in updates]
+    metrics = read_csv(folder / "metrics.csv")
+
+    def mean(group: list[dict[str, str]], key: str) -> float:
+        return float(np.mean([float(r[key]) for r in group]))
+
+    return Curve(folder.name, np.array([float(g[0]["agent_steps"]) for g in rows]),
+                 np.array([float(g[0]["wall_seconds"]) for g in rows]), np.array([mean(g, "avg_delay") for g in rows]),
+                 np.array([mean(g, "avg_travel_time") for g in rows]),
+                 np.array([float(m["agent_steps"]) for m in metrics]),
+                 np.array([float(m["train_reward"]) for m in metrics]),
+                 summary, [mean(g, "avg_delay") for g in rows])
+
+
+def mean_curve(curves: list[Curve], attr: str, x: str = "steps") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean ± std over seeds on the grid of the shortest run (runs of one setting share their x points)."""
+    xs = [getattr(c, x if attr != "reward" else "reward_steps") for c in curves]
+    grid = np.linspace(max(v[0] for v in xs), min(v[-1] for v in xs), 50)
+    values = np.stack([np.interp(grid, xv, getattr(c, attr)) for xv, c in zip(xs, curves, strict=True)])
+    return grid, values.mean(0), values.std(0)
+
+
+def steps_to(curves: list[Curve], threshold: float) -> float | None:
+    """Agent-steps at which the seed-mean evaluation curve first reaches ``threshold`` (None: never)."""
+    n = min(len(c.delay) for c in curves)
+    mean = np.mean([c.delay[:n] for c in curves], axis=0)
+    hit = np.flatnonzero(mean <= threshold)
+    return float(curves[0].steps[hit[0]]) if len(hit) else None
+
+
+class Report:
+    def __init__(self, out: Path, page: Path, profile_name: str):
+        self.out, self.page, self.figures = out, page, page.parent / "figures"
+        self.profile = PROFILES[profile_name]()
+        self.lines: list[str] = []
+        self.data: dict[str, Any] = {"missing": []}
+        self.figures.mkdir(parents=True, exist_ok=True)
+
+    # -- inputs --------------------------------------------------------------------------------
+    def curves(self, runs: list[Run]) -> list[Curve]:
+        found = []
+        for run in runs:
+            curve = load_curve(self.out / "runs" / run.key)
+            if curve is None:
+                self.data["missing"].append(run.key)
+            else:
+                found.append(curve)
+        return found
+
+    def heuristics(self, scenario: str, demand: str, resco: bool = False) -> dict[str, dict[str, float]]:
+        path = self.out / "heuristics" / f"{scenario}{'-resco' if resco else ''}-{demand}.json"
+        if not path.is_file():
+            return {}
+        summary = json.loads(path.read_text())["summary"]
+        return {c: {"delay": summary["avg_delay"][c]["mean"], "travel": summary["avg_travel_time"][c]["mean"]}
+                for c in summary["avg_delay"]}
+
+    def runs(self, experiment: str, **match: Any) -> list[Run]:
+        return [r for r in self.profile.runs if r.experiment == experiment
+                and all(getattr(r, k) == v for k, v in match.items())]
+
+    # -- (a) and (b) ---------------------------------------------------------------------------
+    def efficiency(self) -> None:
+        self.lines += ["## (a) Sample efficiency and (b) wall-clock efficiency", "",
+                       "Greedy evaluation episodes during training (mean ± std over seeds), RELED's timing. "
+                       "RELED's wall-clock starts with the time its demonstrations took (SED with the embedded "
+                       "SmolLM2 model) and includes every SED pass during training.", "",
+                       "| scenario | demand | algo | seeds | last-10 delay (s) | travel time (s) | var. last 20 evals "
+                       "| steps to IPPO's final | wall-clock (min) |", "|---|---|---|---|---|---|---|---|---|"]
+        for scenario in dict.fromkeys(r.scenario for r in self.runs("a")):
+            for demand in dict.fromkeys(r.demand for r in self.runs("a", scenario=scenario)):
+                groups = {algo: self.curves(self.runs("a", scenario=scenario, demand=demand, algo=algo))
+                          for algo in dict.fromkeys(r.algo for r in self.runs("a"))}
+                groups = {a: c for a, c in groups.items() if c}
+                if not groups:
+                    continue
+                refs = self.heuristics(scenario, demand)
+                self.efficiency_rows(scenario, demand, groups, refs)
+                self.efficiency_figure(scenario, demand, groups, refs)
+        self.lines.append("")
+
+    def efficiency_rows(self, scenario: str, demand: str, groups: dict[str, list[Curve]],
+                        refs: dict[str, dict[str, float]]) -> None:
+        ippo_final = float(np.mean([c.final for c in groups["ippo"]])) if "ippo" in groups else None
+        record = self.data.setdefault("efficiency", {}).setdefault(f"{scenario}/{demand}", {})
+        record["heuristics"] = refs
+        for algo, curves in groups.items():
+            finals = [c.final for c in curves]
+            stability = float(np.mean([np.var(c.eval_delays[-STABILITY_N:]) for c in curves]))
+            reach = steps_to(curves, ippo_final) if ippo_final is not None else None
+            travel = float(np.mean([c.travel[-1] for c in curves]))
+            wall = float(np.mean([c.summary["wall_seconds"] for c in curves])) / 60
+            record[algo] = {"seeds": [c.summary["seed"] for c in curves], "last10_mean": float(np.mean(finals)),
+                            "last10_std": float(np.std(finals)), "stability_var": stability,
+                            "steps_to_ippo_final": reach, "budget": float(curves[0].summary["agent_steps"]),
+                            "wall_minutes": wall,
+                            "sed_minutes": float(np.mean([c.summary.get("sed_seconds", 0.0) for c in curves])) / 60}
+            reach_text = "–" if reach is None else f"{reach:,.0f}"
+            self.lines.append(f"| {scenario} | {demand} | {algo} | {len(curves)} | {np.mean(finals):.1f} ± "
+                              f"{np.std(finals):.1f} | {travel:.1f} | {stability:.2f} | {reach_text} | {wall:.1f} |")
+        for name in ("fixed", "greedy", "max-pressure"):
+            if name in refs:
+                self.lines.append(f"| {scenario} | {demand} | {name} | – | {refs[name]['delay']:.1f} | "
+                                  f"{refs[name]['travel']:.1f} | – | – | – |")
+
+    def efficiency_figure(self, scenario: str, demand: str, groups: dict[str, list[Curve]],
+                          refs: dict[str, dict[str, float]]) -> None:
+        fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+        for row, x in enumerate(("steps", "wall")):
+            for col, (attr, label) in enumerate((("delay", "evaluation average delay (s)"),
+                                                 ("travel", "evaluation average travel time (s)"),
+                                                 ("reward", "training episode reward per agent"))):
+                ax = axes[row, col]
+                for algo, curves in groups.items():
+                    grid, mean, std = mean_curve(curves, attr, x)
+                    grid = grid / 60 if x == "wall" else grid
+                    ax.plot(grid, mean, color=COLORS.get(algo), label=f"{algo} (n={len(curves)})")
+                    ax.fill_between(grid, mean - std, mean + std, color=COLORS.get(algo), alpha=0.2)
+                if attr != "reward":
+                    key = "delay" if attr == "delay" else "travel"
+                    for name, style in (("fixed", ":"), ("max-pressure", "--")):
+                        if name in refs:
+                            ax.axhline(refs[name][key], ls=style, color="grey", lw=1,
+                                       label=f"{name} ({refs[name][key]:.1f} s)")
+                    if "max-pressure" in refs:
+                        low, high = ax.get_ylim()
+                        ax.set_ylim(low, min(high, 1.8 * refs["max-pressure"][key]))
+                ax.set_xlabel("agent-steps" if x == "steps" else "wall-clock (min, SED included)")
+                ax.set_ylabel(label)
+        axes[0, 0].legend(fontsize=8)
+        fig.suptitle(f"{scenario} / {demand}: RELED vs IPPO vs MAPPO (mean ± std over seeds)")
+        name = f"reled_a_{scenario}_{demand}.png"
+        fig.tight_layout()
+        fig.savefig(self.figures / name, dpi=110)
+        plt.close(fig)
+        self.lines += ["", f"![{scenario} {demand}](figures/{name})", ""]
+
+    # -- RESCO timing targets -------------------------------------------------------------------
+    def resco(self) -> None:
+        runs = self.runs("resco")
+        if not runs:
+            return
+        self.lines += ["## RESCO's timing: against the published figures", "",
+                       "| net | algo | seeds | last-10 delay (s) | best heuristic (s) | target |",
+                       "|---|---|---|---|---|---|"]
+        for net in dict.fromkeys(r.scenario for r in runs):
+            refs = self.heuristics(net, "moderate", resco=True)
+            best = min((v["delay"] for k, v in refs.items() if k != "fixed"), default=None)
+            for algo in dict.fromkeys(r.algo for r in runs):
+                curves = self.curves([r for r in runs if r.scenario == net and r.algo == algo])
+                if not curves:
+                    continue
+                final = float(np.mean([c.final for c in curves]))
+                goal = 0.9 * PUBLISHED_RESCO_BEST[net] if net in PUBLISHED_RESCO_BEST else None
+                verdict = "–" if goal is None or algo != "reled" else \
+                    f"≤ {goal:.1f} s: {'MET' if final <= goal else 'NOT MET'}"
+                self.data.setdefault("resco", {}).setdefault(net, {})[algo] = {"last10_mean": final, "goal": goal,
+                                                                               "best_heuristic": best}
+                best_text = f"{best:.1f}" if best is not None else "–"
+                self.lines.append(f"| {net} | {algo} | {len(curves)} | {final:.1f} ± "
+                                  f"{np.std([c.final for c in curves]):.1f} | {best_text} | {verdict} |")
+        self.lines.append("")
+
+    # -- (c) scalability ------------------------------------------------------------------------
+    def scalability(self) -> None:
+        nets = [("cologne1", 1), ("cologne3", 3), ("cologne8", 8), ("orlando", 11), ("grid4x4", 16),
+                ("hong_kong", 23), ("grid6x6", 36), ("grid2x2", 4)]
+        points: dict[str, list[tuple[int, float | None, str]]] = {}
+        self.lines += ["## (c) Scalability: agent-steps to reach max-pressure's delay", "",
+                       "| scenario | agents | algo | steps to max-pressure (first seed-mean eval ≤ it) |",
+                       "|---|---|---|---|"]
+        for net, agents in nets:
+            refs = self.heuristics(net, "moderate")
+            runs = [r for r in self.profile.runs if r.scenario == net and r.demand == "moderate" and not r.variant
+                    and not r.timing and r.algo in ("ippo", "reled")]
+            if not refs or not runs:
+                continue
+            for algo in ("ippo", "reled"):
+                curves = self.curves([r for r in runs if r.algo == algo and r.seed == 0])
+                if not curves:
+                    continue
+                reach = steps_to(curves, refs["max-pressure"]["delay"])
+                points.setdefault(algo, []).append((agents, reach, net))
+                reach_text = "not reached" if reach is None else f"{reach:,.0f}"
+                self.lines.append(f"| {net} | {agents} | {algo} | {reach_text} |")
+        self.data["scalability"] = points
+        if points:
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for algo, pts in points.items():
+                pts = sorted(pts)
+                ax.plot([p[0] for p in pts if p[1] is not None], [p[1] for p in pts if p[1] is not None], "o-",
+                        color=COLORS[algo], label=algo)
+            ax.set_xlabel("agents (signals)")
+            ax.set_ylabel("agent-steps to max-pressure's delay")
+            ax.set_title("time to threshold (seed 0)")
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(self.figures / "reled_c_scalability.png", dpi=110)
+            plt.close(fig)
+            self.lines += ["", "![scalability](figures/reled_c_scalability.png)", ""]
+
+    # -- (d) generalization ---------------------------------------------------------------------
+    def generalization(self) -> None:
+        files = sorted((self.out / "zero_shot").glob("*.json"))
+        if not files:
+            return
+        self.lines += ["## (d) Generalization: zero-shot evaluation", "",
+                       "Final policies (latest.pt) evaluated without further training on another demand or city.", "",
+                       "| trained on | evaluated on | algo | seeds | policy delay (s) | greedy | max-pressure |",
+                       "|---|---|---|---|---|---|---|"]
+        results: dict[tuple[str, str, str], list[float]] = {}
+        refs: dict[str, dict[str, float]] = {}
+        for path in files:
+            run_key, target = path.stem.split("--")
+            algo, rest = run_key.split("-", 1)
+            trained = rest.rsplit("-s", 1)[0]
+            data = json.loads(path.read_text())
+            summary = data["summary"]["avg_delay"]
+            policy = next(k for k in summary if k not in ("fixed", "greedy", "max-pressure"))
+            results.setdefault((trained, target, algo), []).append(summary[policy]["mean"])
+            refs[target] = {k: v["mean"] for k, v in summary.items() if k in ("greedy", "max-pressure")}
+        for (trained, target, algo), values in sorted(results.items()):
+            self.lines.append(f"| {trained} | {target} | {algo} | {len(values)} | {np.mean(values):.1f} ± "
+                              f"{np.std(values):.1f} | {refs[target].get('greedy', float('nan')):.1f} | "
+                              f"{refs[target].get('max-pressure', float('nan')):.1f} |")
+        self.data["zero_shot"] = {f"{t} -> {e} ({a})": v for (t, e, a), v in results.items()}
+        self.lines.append("")
+
+    # -- (e) ablations --------------------------------------------------------------------------
+    def ablations(self) -> None:
+        runs = self.runs("e")
+        if not runs:
+            return
+        base = runs[0]
+        full = self.curves([Run("a", base.scenario, base.demand, "reled", s, base.steps) for s in SEEDS])
+        ippo = self.curves([Run("a", base.scenario, base.demand, "ippo", s, base.steps) for s in SEEDS])
+        groups = {"reled (full)": full, **{name: self.curves([r for r in runs if r.variant == name])
+                                            for name in ABLATIONS}, "ippo": ippo}
+        groups = {k: v for k, v in groups.items() if v}
+        self.lines += [f"## (e) Ablations on {base.scenario} / {base.demand}", "",
+                       "| variant | seeds | last-10 delay (s) | steps to IPPO's final | mean w_k (first 10 updates) |",
+                       "|---|---|---|---|---|"]
+        ippo_final = float(np.mean([c.final for c in ippo])) if ippo else None
+        fig, ax = plt.subplots(figsize=(8, 4.8))
+        for k, (name, curves) in enumerate(groups.items()):
+            grid, mean, std = mean_curve(curves, "delay")
+            ax.plot(grid, mean, color=f"C{k}", label=name)
+            ax.fill_between(grid, mean - std, mean + std, color=f"C{k}", alpha=0.15)
+            reach = steps_to(curves, ippo_final) if ippo_final is not None else None
+            weights = [float(r["hpo/w_mean"]) for c in curves
+                       for r in read_csv(self.out / "runs" / c.key / "metrics.csv")[:10] if r.get("hpo/w_mean")]
+            w_text = f"{np.mean(weights):.2f}" if weights else "–"
+            self.lines.append(f"| {name} | {len(curves)} | {np.mean([c.final for c in curves]):.1f} ± "
+                              f"{np.std([c.final for c in curves]):.1f} | "
+                              f"{'–' if reach is None else f'{reach:,.0f}'} | {w_text} |")
+            self.data.setdefault("ablations", {})[name] = {"last10": [c.final for c in curves], "steps_to": reach}
+        ax.set_xlabel("agent-steps")
+        ax.set_ylabel("evaluation average delay (s)")
+        ax.set_ylim(None, 2.0 * (ippo_final or ax.get_ylim()[1]))
+        ax.legend(fontsize=8)
+        ax.set_title(f"ablations on {base.scenario} / {base.demand}")
+        fig.tight_layout()
+        fig.savefig(self.figures / "reled_e_ablations.png", dpi=110)
+        plt.close(fig)
+        self.lines += ["", "![ablations](figures/reled_e_ablations.png)", ""]
+
+    def write(self, head: list[str]) -> None:
+        missing = self.data["missing"]
+        tail = ["## Not run yet", "", f"{len(missing)} run(s) of the plan have not finished: "
+                + ", ".join(f"`{m}`" for m in missing), ""] if missing else []
+        self.page.write_text("\n".join(head + self.lines + tail) + "\n")
+        self.page.with_suffix(".json").write_text(json.dumps(self.data, indent=1, default=float) + "\n")
+        print(f"wrote {self.page} and {self.page.with_suffix('.json')}")
+
+
+def machines(out: Path) -> str:
+    log = out / "log.jsonl"
+    if not log.is_file():
+        return "no runs logged"
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    seen = {json.dumps(e["machine"], sort_keys=True) for e in entries}
+    total = sum(e["seconds"] for e in entries)
+    return f"{len(entries)} logged steps, {total / 3600:.1f} h in all, on " + "; ".join(
+        f"{m['cpu']} with {m['cores']} cores (Python {m['python']})" for m in map(json.loads, seen))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="report the quick profile")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default out/experiments[-quick])")
+    parser.add_argument("--page", type=Path, default=None,
+                        help="the page to write (default docs/results/reled.md; quick: OUT/reled.md)")
+    args = parser.parse_args()
+    out = args.out or ROOT / "out" / ("experiments-quick" if args.quick else "experiments")
+    page = args.page or (out / "reled.md" if args.quick else ROOT / "docs" / "results" / "reled.md")
+    report = Report(out, page, "quick" if args.quick else "full")
+    for part in (report.efficiency, report.resco, report.scalability, report.generalization, report.ablations):
+        part()
+    head = ["# RELED vs IPPO vs MAPPO: the paper's experiments on real cities", "",
+            "Generated by `tools/experiments/report.py` from the runs of `tools/experiments/run.py` "
+            "(`make experiments`). Every learned figure is the final policy's: the mean delay of its last "
+            f"{LAST_N} greedy evaluation episodes (SUMO seeds 0-9), averaged over training seeds. "
+            f"Stability: variance of the last {STABILITY_N} periodic evaluations.", "",
+            f"Machine and time: {machines(out)}.", ""]
+    report.write(head)
+
+
+if __name__ == "__main__":
+    main()
