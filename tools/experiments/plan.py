@@ -20,6 +20,7 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
     "no-sed": ("--no-sed",),
     "fixed-0.5": ("--expert-weight", "fixed:0.5"),
     "none": ("--expert-weight", "none"),
+    "no-llm": ("--no-sed-llm",),  # demonstrations and SED passes from the classical tools only
 }
 
 
@@ -45,7 +46,13 @@ class Run:
     def demos_key(self) -> str:
         """The demonstration store a RELED run starts from (shared by its ablations)."""
         timing = "-resco" if self.timing else ""
-        return f"{self.scenario}{timing}-{self.demand}-s{self.seed}"
+        tools_only = "-no-llm" if self.tools_only else ""
+        return f"{self.scenario}{timing}-{self.demand}-s{self.seed}{tools_only}"
+
+    @property
+    def tools_only(self) -> bool:
+        """Whether SED runs without the LLM for this run."""
+        return "--no-sed-llm" in self.flags
 
 
 @dataclass(frozen=True)
@@ -81,9 +88,13 @@ def full() -> Profile:
 def quick() -> Profile:
     """Minutes on 2 cores: every experiment type once, on tiny scenarios, to prove the pipeline end to end."""
     steps = 2_880
-    runs = [Run("a", "grid2x2", "moderate", algo, 0, steps) for algo in ALGOS]
-    runs += [Run("e", "grid2x2", "moderate", "reled", 0, steps, variant="no-gate", flags=ABLATIONS["no-gate"])]
-    runs += [Run("c", "cologne1", "moderate", algo, 0, steps) for algo in ("ippo", "reled")]
+    tools_only = ABLATIONS["no-llm"]  # CI has no time for the LLM's demonstrations; the SED tests cover it
+    runs = [Run("a", "grid2x2", "moderate", algo, 0, steps, flags=tools_only if algo == "reled" else ())
+            for algo in ALGOS]
+    runs += [Run("e", "grid2x2", "moderate", "reled", 0, steps, variant="no-gate",
+                 flags=(*ABLATIONS["no-gate"], *tools_only))]
+    runs += [Run("c", "cologne1", "moderate", algo, 0, steps, flags=tools_only if algo == "reled" else ())
+             for algo in ("ippo", "reled")]
     zero_shot = [("grid2x2", "moderate", "grid2x2", "congested"), ("grid2x2", "moderate", "cologne1", "moderate")]
     return Profile("quick", runs, zero_shot, heuristics_episodes=1, sed_every=2)
 

@@ -89,8 +89,8 @@ class Runner:
             return folder
         cmd = [reled(), "demos", "generate", "--scenario", run.scenario, "--demand", run.demand,
                "--seed", str(run.seed), "--out", str(folder), "--force", *self.timing_args(run)]
-        if self.profile.name == "quick":
-            cmd += ["--no-llm", "--no-baselines"]
+        if run.tools_only:
+            cmd += ["--no-llm"]
         return folder if self.step(f"demos-{run.demos_key}", cmd) else None
 
     def train(self, run: Run) -> None:
@@ -110,8 +110,6 @@ class Runner:
             if demos is None:
                 return
             cmd += ["--demos", str(demos), "--sed-every", str(self.profile.sed_every), *run.flags]
-            if self.profile.name == "quick":
-                cmd += ["--no-sed-llm"]
         self.step(run.key, cmd)
 
     def zero_shot(self, train_scenario: str, train_demand: str, scenario: str, demand: str,
@@ -136,6 +134,8 @@ def main() -> None:
     parser.add_argument("--only", default="a,e,resco,c,d", help="experiments to run, in this order (default all)")
     parser.add_argument("--algos", default="ippo,mappo,reled", help="algorithms to run (default all)")
     parser.add_argument("--scenarios", default=None, help="only these scenarios (default all)")
+    parser.add_argument("--demands", default="moderate,congested", help="only these demands (default both)")
+    parser.add_argument("--seeds", default=None, help="only these training seeds (default all)")
     parser.add_argument("--workers", type=int, default=2, help="SUMO workers per training run (default 2)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args()
@@ -144,11 +144,13 @@ def main() -> None:
     runner = Runner(out, profile, args.workers, args.dry_run)
     only, algos = args.only.split(","), args.algos.split(",")
     scenarios = args.scenarios.split(",") if args.scenarios else None
+    demands = args.demands.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     for experiment in only:
         for run in profile.runs:
-            if run.experiment != experiment or run.algo not in algos:
+            if run.experiment != experiment or run.algo not in algos or run.demand not in demands:
                 continue
-            if scenarios and run.scenario not in scenarios:
+            if (scenarios and run.scenario not in scenarios) or (seeds is not None and run.seed not in seeds):
                 continue
             if runner.scenario(run.scenario):
                 runner.heuristics(run)
