@@ -34,6 +34,8 @@ class GridSpec:
 GRIDS = {
     "grid2x2": GridSpec(2, 2, 200.0, 2, 0, 900.0, 1800.0),
     "grid3x3": GridSpec(3, 3, 200.0, 2, 1, 1500.0, 1800.0),
+    # 36 lights: the largest point of the scalability experiment (tools/experiments), past Hong Kong's 23
+    "grid6x6": GridSpec(6, 6, 200.0, 2, 0, 3000.0, 1800.0),
 }
 DEMAND_SEED = 42
 
