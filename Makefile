@@ -10,7 +10,7 @@ SUDO    := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 # machine's VM (AMX kernels), so build for plain AVX2, which every x86-64 server of the last decade has.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench experiments clean
 
 $(STAMP): pyproject.toml
 	@command -v mosquitto >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq mosquitto; }
@@ -53,6 +53,12 @@ bench: install
 	$(PY) tools/bench/llm_throughput.py
 	$(PY) tools/bench/sed_verified.py --json $(OUT)/bench_sed_verified.json
 	$(PY) tools/bench/edge_bench.py --json $(OUT)/bench_edge.json
+
+# RELED vs IPPO vs MAPPO, docs/results/reled.md: resumable (finished runs are skipped); many hours on 2 cores.
+# `make experiments QUICK=1`: the smoke profile (tiny scenarios, minutes), written under $(OUT)/experiments-quick.
+experiments: install
+	$(PY) tools/experiments/run.py $(if $(QUICK),--quick)
+	$(PY) tools/experiments/report.py $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache

@@ -67,13 +67,20 @@ TRAIN_SCRIPT = SCRIPT.with_name("train_throughput.py")
 def test_train_throughput_on_short_episodes_writes_both_worker_counts(tmp_path: Path) -> None:
     data = bench_json(TRAIN_SCRIPT, tmp_path / "train.json", "--scenario", "grid2x2", "--updates", "1",
                       "--episode-seconds", "300")
-    assert [r["workers"] for r in data["runs"]] == [1, 2]
+    assert [(r["algo"], r["workers"]) for r in data["runs"]] == [("ippo", 1), ("ippo", 2), ("reled", 2)]
     for run in data["runs"]:
         assert run["agent_steps"] == 2 * 30 * 4  # one timed update: 2 episodes × 30 decisions × 4 lights
         assert run["agent_steps_per_second"] > 0
         assert run["collect_share"] + run["learn_share"] == pytest.approx(1.0)
         assert 0 < run["worker_sim_share"] < 1
     assert data["speedup_2_over_1"] > 0
+    reled = data["runs"][2]
+    assert reled["hpo_seconds"] > 0  # the DTW distances were computed
+    overhead = data["reled_overhead"]
+    assert overhead["hpo_seconds_per_update"] == pytest.approx(reled["hpo_seconds"])
+    assert overhead["share_of_ippo_update"] == pytest.approx(
+        (reled["hpo_seconds"] + reled["learn_seconds"] - data["runs"][1]["learn_seconds"])
+        / data["runs"][1]["wall_seconds"])
 
 
 def test_llm_throughput_bench_reports_both_prefix_settings(tmp_path: Path) -> None:

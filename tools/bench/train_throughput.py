@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Training throughput of `reled train` on cologne8 with 1 and 2 SUMO workers.
+"""Training throughput of `reled train` on cologne8 with 1 and 2 SUMO workers, and RELED's overhead over IPPO.
 
 Why: on a 2-core server, training time is SUMO time plus learner time; this shows how many
 agent-steps per second a run gets, how much a second worker buys, and where the time goes.
@@ -11,7 +11,12 @@ warm-up update that is not timed (worker start, imports). It reports:
 * agent-steps/s over the timed updates (wall-clock, workers and learner together);
 * the share of wall time spent collecting episodes (SUMO workers) vs in the learner (PPO update);
 * inside the workers, the CPU seconds in SUMO + the environment vs choosing actions (the actor);
-* the speed-up of 2 workers over 1 (the peer measured in the same run).
+* the speed-up of 2 workers over 1 (the peer measured in the same run);
+* RELED (IPPO plus the imitation term) with 2 workers beside IPPO with 2 workers: its per-update overhead,
+  i.e. the DTW distances and weights plus the longer learner step (the demonstration rows), as a share of
+  IPPO's update wall time (target ≤ 15%). SED passes are not in the timed updates (they run every
+  ``sed_every`` updates and are reported by the run as sed_seconds); the demonstrations come from the
+  classical tools (``--no-llm``), which does not change their size.
 
     .venv/bin/python tools/bench/train_throughput.py                # about 2 min
     .venv/bin/python tools/bench/train_throughput.py --updates 2 --episode-seconds 600
@@ -29,20 +34,35 @@ from rich.console import Console
 from rich.table import Table
 
 from edge_runtime.fileio import atomic_write_text
+from trainer.env import EnvConfig
 from trainer.marl.config import load_train_config
 from trainer.marl.training import TrainingRun
+from trainer.sed.generate import GenerateRequest, generate
+from trainer.sed.llm import LLMSettings
+from trainer.sed.refine import RefineConfig
 
 
 class _Enough(Exception):
     """Raised by the update hook to end a benchmark run (the workers are closed by ``train``)."""
 
 
-def measure(workers: int, updates: int, scenario: str, episode_seconds: float | None) -> dict:
-    """Timed figures of ``updates`` updates after one untimed warm-up update."""
+def make_demos(folder: Path, scenario: str, episode_seconds: float | None) -> Path:
+    """Verified demonstrations from the classical tools for the RELED measurement."""
+    request = GenerateRequest(env=EnvConfig(scenario=scenario, episode_seconds=episode_seconds), llm=LLMSettings(),
+                              refine=RefineConfig(seed=0), no_llm=True, baselines=False)
+    generate(request, folder, overwrite=True)
+    return folder
+
+
+def measure(workers: int, updates: int, scenario: str, episode_seconds: float | None, demos: Path | None = None,
+            ) -> dict:
+    """Timed figures of ``updates`` updates after one untimed warm-up update (RELED when ``demos`` is given)."""
     with tempfile.TemporaryDirectory(prefix="reled-bench-") as tmp:
         rows: list[dict] = []
+        algo = {"algo": "reled"} if demos else {}
+        hpo = {"demos": str(demos), "sed_every": 0} if demos else None
         cfg = load_train_config(None, train={"scenario": scenario, "workers": workers, "steps": 10**9,
-                                             "eval_every": 10**6, "seed": 0},
+                                             "eval_every": 10**6, "seed": 0, **algo}, hpo=hpo,
                                 env={"episode_seconds": episode_seconds})
         run = TrainingRun.create(Path(tmp) / "run", cfg)
 
@@ -60,7 +80,9 @@ def measure(workers: int, updates: int, scenario: str, episode_seconds: float | 
     learn = sum(r["learn_seconds"] for r in timed)
     sim = sum(r["sim_seconds"] for r in timed)
     policy = sum(r["policy_seconds"] for r in timed)
-    return {"workers": workers, "updates": len(timed), "agent_steps": steps, "wall_seconds": wall,
+    return {"algo": "reled" if demos else "ippo", "workers": workers, "updates": len(timed), "agent_steps": steps,
+            "wall_seconds": wall, "learn_seconds": learn, "collect_seconds": collect,
+            "hpo_seconds": sum(r.get("hpo_seconds", 0.0) for r in timed),
             "agent_steps_per_second": steps / wall, "collect_share": collect / wall, "learn_share": learn / wall,
             "worker_sim_seconds": sim, "worker_policy_seconds": policy,
             "worker_sim_share": sim / (sim + policy)}
@@ -74,6 +96,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("docs/results/bench_train_throughput.json"))
     args = parser.parse_args()
     results = [measure(w, args.updates, args.scenario, args.episode_seconds) for w in (1, 2)]
+    with tempfile.TemporaryDirectory(prefix="reled-bench-demos-") as tmp:
+        demos = make_demos(Path(tmp) / "demos", args.scenario, args.episode_seconds)
+        reled = measure(2, args.updates, args.scenario, args.episode_seconds, demos)
+    ippo = results[1]
+    per_update = ippo["wall_seconds"] / ippo["updates"]
+    extra = (reled["hpo_seconds"] + reled["learn_seconds"] - ippo["learn_seconds"]) / reled["updates"]
+    overhead = {"hpo_seconds_per_update": reled["hpo_seconds"] / reled["updates"],
+                "extra_learn_seconds_per_update": (reled["learn_seconds"] - ippo["learn_seconds"]) / reled["updates"],
+                "ippo_update_seconds": per_update, "share_of_ippo_update": extra / per_update,
+                "wall_ratio": (reled["wall_seconds"] / reled["updates"]) / per_update}
     speedup = results[1]["agent_steps_per_second"] / results[0]["agent_steps_per_second"]
     table = Table(title=f"training throughput, IPPO on {args.scenario} ({args.updates} timed updates of 2 episodes)")
     for col in ("workers", "agent-steps/s", "collecting (SUMO workers)", "learner (PPO update)",
@@ -85,8 +117,13 @@ def main() -> None:
     console = Console(width=120)
     console.print(table)
     console.print(f"2 workers / 1 worker: {speedup:.2f}x agent-steps/s")
-    atomic_write_text(args.json, json.dumps({"scenario": args.scenario, "runs": results,
-                                             "speedup_2_over_1": speedup}, indent=2) + "\n")
+    console.print(f"RELED over IPPO (2 workers): DTW + weights {overhead['hpo_seconds_per_update'] * 1000:.0f} ms and "
+                  f"learner {overhead['extra_learn_seconds_per_update'] * 1000:+.0f} ms per update = "
+                  f"{overhead['share_of_ippo_update']:.1%} of IPPO's {per_update:.2f} s update (target <= 15%); "
+                  f"whole updates {overhead['wall_ratio']:.2f}x (collection noise included)")
+    atomic_write_text(args.json, json.dumps({"scenario": args.scenario, "runs": [*results, reled],
+                                             "speedup_2_over_1": speedup, "reled_overhead": overhead},
+                                            indent=2) + "\n")
     console.print(f"wrote {args.json}")
 
 
