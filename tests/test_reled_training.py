@@ -136,6 +136,13 @@ def test_a_store_of_another_scenario_schema_or_setting_is_refused_in_one_line(
     assert not (tmp_path / "runs" / "x").exists()  # nothing written
 
 
+def test_no_sed_refuses_demonstrations_chosen_with_the_bound(grid_demos, tmp_path, reled, assert_one_line_error):
+    proc = reled("train", "--algo", "reled", "--scenario", "grid2x2", "--episode-seconds", "300", "--steps", "240",
+                 "--demos", str(grid_demos), "--no-sed", "--runs-dir", str(tmp_path / "runs"), "--name", "x")
+    assert_one_line_error(proc, "--no-sed", "--lambda 0")
+    assert not (tmp_path / "runs" / "x").exists()
+
+
 def test_reled_flags_need_algo_reled(tmp_path, reled, assert_one_line_error):
     proc = reled("train", "--scenario", "grid2x2", "--no-gate", "--runs-dir", str(tmp_path))
     assert_one_line_error(proc, "need --algo reled")

@@ -47,7 +47,13 @@ class Run:
         """The demonstration store a RELED run starts from (shared by its ablations)."""
         timing = "-resco" if self.timing else ""
         tools_only = "-no-llm" if self.tools_only else ""
-        return f"{self.scenario}{timing}-{self.demand}-s{self.seed}{tools_only}"
+        unbounded = "-lambda0" if self.unbounded else ""
+        return f"{self.scenario}{timing}-{self.demand}-s{self.seed}{tools_only}{unbounded}"
+
+    @property
+    def unbounded(self) -> bool:
+        """--no-sed: demonstrations chosen without the bound (λ = 0)."""
+        return "--no-sed" in self.flags
 
     @property
     def tools_only(self) -> bool:

@@ -91,6 +91,8 @@ class Runner:
                "--seed", str(run.seed), "--out", str(folder), "--force", *self.timing_args(run)]
         if run.tools_only:
             cmd += ["--no-llm"]
+        if run.unbounded:
+            cmd += ["--lambda", "0"]
         return folder if self.step(f"demos-{run.demos_key}", cmd) else None
 
     def train(self, run: Run) -> None:

@@ -75,6 +75,16 @@ def open_demos(folder: Path, facts: RunFacts) -> DemoSet:
     return demos
 
 
+def check_given(folder: Path, config: TrainConfig, facts: RunFacts) -> DemoSet:
+    """A --demos store that can teach this run; --no-sed also needs one chosen without the bound."""
+    demos = open_demos(folder, facts)
+    lam = demos.manifest.get("config", {}).get("lam")
+    if not config.hpo.sed and lam != 0:
+        raise RELEDError(f"--no-sed learns from demonstrations chosen without the bound, but {folder} was made with "
+                         f"λ = {lam}: generate them with `reled demos generate --lambda 0` or drop --demos")
+    return demos
+
+
 def initial_demos(run: Path, config: TrainConfig, facts: RunFacts) -> float:
     """Put the run's first demonstrations in ``demos-v0``; returns what they cost (seconds of SED).
 
@@ -84,7 +94,7 @@ def initial_demos(run: Path, config: TrainConfig, facts: RunFacts) -> float:
     target = demos_folder(run, 0)
     if config.hpo.demos:
         source = Path(config.hpo.demos)
-        demos = open_demos(source, facts)
+        demos = check_given(source, config, facts)
         with atomic_folder(target) as tmp:
             for name in [*COLUMNS, "manifest.json"]:
                 shutil.copy2(source / (f"{name}.npy" if name in COLUMNS else name), tmp)

@@ -26,6 +26,7 @@ from trainer.marl.checkpoint import check_scenario, load_checkpoint, save_checkp
 from trainer.marl.config import TrainConfig
 from trainer.marl.expert_demos import (
     RunFacts,
+    check_given,
     demos_folder,
     initial_demos,
     open_demos,
@@ -101,7 +102,7 @@ class TrainingRun:
                              "or --name to start another")
         run = cls(folder, config, RunProgress(), None)  # checks the scenario before anything is written
         if config.algo == "reled" and config.hpo.demos:
-            open_demos(Path(config.hpo.demos), run.facts)  # a store that cannot teach this run: refused now
+            check_given(Path(config.hpo.demos), config, run.facts)  # a store that cannot teach this run: refused now
         folder.mkdir(parents=True, exist_ok=True)
         if config.algo == "reled":
             try:
