@@ -167,5 +167,7 @@ def test_cli_reled_with_the_llm_expert_then_eval_export_compare(reled, tmp_path)
     assert proc.returncode == 0, proc.stderr
     proc = reled("export", "--run", str(folder), "--out", str(tmp_path / "p.onnx"))
     assert proc.returncode == 0 and (tmp_path / "p.onnx").is_file(), proc.stderr
-    proc = reled("compare", str(folder), "--plot", str(tmp_path / "c.png"))
-    assert proc.returncode == 0 and "reled grid2x2/moderate" in proc.stdout, proc.stdout
+    proc = reled("compare", str(folder), "--plot", str(tmp_path / "c.png"), "--json", str(tmp_path / "c.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert [g["setting"] for g in json.loads((tmp_path / "c.json").read_text())] == [
+        "reled[sed_every=1] grid2x2/moderate"]  # an ablation or other setting is never averaged with the default

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from edge_runtime.errors import RELEDError
-from trainer.marl.run_folder import read_summary
+from trainer.marl.config import HPOConfig
+from trainer.marl.run_folder import read_config, read_summary
 from trainer.stats import mean_std
 
 
@@ -24,14 +25,23 @@ class GroupSummary:
 
 
 def group_runs(folders: list[Path]) -> dict[str, list[Path]]:
-    """Runs that differ only by seed share a label (algo scenario/demand)."""
+    """Runs that differ only by seed share a label (algo scenario/demand; RELED's non-default settings,
+    so that an ablation is not averaged with the full method)."""
     groups: dict[str, list[Path]] = {}
     for folder in folders:
         if not folder.is_dir():
             raise RELEDError(f"{folder} is not a run folder")
         s = read_summary(folder)
-        groups.setdefault(f"{s['algo']} {s['scenario']}/{s['demand']}", []).append(folder)
+        groups.setdefault(f"{s['algo']}{_variant(folder)} {s['scenario']}/{s['demand']}", []).append(folder)
     return groups
+
+
+def _variant(folder: Path) -> str:
+    """``[gate=False, ...]``: the [reled] settings of a RELED run that differ from the defaults."""
+    hpo = read_config(folder).hpo
+    changed = [f"{f.name}={getattr(hpo, f.name)}" for f in fields(HPOConfig)
+               if f.name != "demos" and getattr(hpo, f.name) != f.default]
+    return f"[{', '.join(changed)}]" if changed and read_config(folder).algo == "reled" else ""
 
 
 def summarise_groups(groups: dict[str, list[Path]]) -> list[GroupSummary]:
