@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -165,6 +167,43 @@ def test_cli_train_eval_policy_and_compare(assert_one_line_error, reled, tmp_pat
                           "trained on scenario grid2x2", "not on grid3x3")
     # an existing run is not overwritten
     assert_one_line_error(reled("train", "--scenario", "grid2x2", "--runs-dir", str(runs)), "--resume")
+
+
+def test_a_folder_scenario_keeps_one_identity_through_train_eval_and_export(assert_one_line_error, reled,
+                                                                           tmp_path):
+    """A run trained on a folder given by a relative path is recognised by `reled eval --policy` and `reled export`
+    whether the folder is named the same way or by its absolute path; another scenario is refused unless
+    --zero-shot, which then says where the policy was trained, in the table and in the JSON."""
+    shutil.copytree(get_scenario("grid2x2").folder, tmp_path / "corridor")
+    trained = reled("train", "--scenario", "corridor", "--steps", "240", "--episode-seconds", "300", "--name", "r",
+                    cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    best = tmp_path / "runs" / "r" / "best.pt"
+    for scenario in ("corridor", str(tmp_path / "corridor")):
+        proc = reled("eval", "--scenario", scenario, "--policy", str(best), "--seeds", "1", "--episode-seconds", "300",
+                     cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert "ippo:r/best" in proc.stdout and "zero-shot" not in proc.stdout
+    proc = reled("export", "--run", str(best.parent), "--out", str(tmp_path / "p.onnx"), "--holdout-decisions", "20",
+                 cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "corridor · 4 lights" in proc.stdout
+    elsewhere = ("eval", "--scenario", "grid3x3", "--policy", str(best), "--seeds", "1", "--episode-seconds", "300")
+    folder = str(tmp_path / "corridor")  # the run records the folder's absolute path, its identity
+    assert_one_line_error(reled(*elsewhere, cwd=tmp_path), f"trained on scenario {folder} (4 lights)",
+                          "not on grid3x3 (9 lights)", "--zero-shot")
+    report = tmp_path / "zero.json"
+    proc = reled(*elsewhere, "--zero-shot", "--json", str(report), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    label = "ippo:r/best (zero-shot from corridor)"
+    assert label in proc.stdout
+    data = json.loads(report.read_text())
+    assert data["scenario"] == "grid3x3" and list(data["summary"]["avg_delay"]) == [label]
+    assert data["policies"] == {label: {"checkpoint": str(best), "trained_on": folder, "zero_shot": True}}
+    # --resume from another directory finds the folder too
+    proc = reled("train", "--resume", str(best.parent), "--steps", "480", cwd=tmp_path / "runs")
+    assert proc.returncode == 0, proc.stderr
+    assert_one_line_error(reled("eval", "--scenario", "grid3x3", "--zero-shot"), "--policy")
 
 
 def test_show_config_prints_every_default_and_the_flags(reled):

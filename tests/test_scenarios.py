@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from edge_runtime.errors import RELEDError
-from trainer.scenarios import get_scenario, list_scenarios
+from trainer.scenarios import get_scenario, list_scenarios, scenario_identity, scenarios_home
 from trainer.scenarios.demand import count_vehicles
 from trainer.scenarios.model import load_scenario_folder, write_scenario_toml
 from trainer.scenarios.resco import RESCO_NETS
@@ -60,3 +62,18 @@ def test_flows_are_counted(tmp_path):
 def test_unknown_scenario_names_the_fix():
     with pytest.raises(RELEDError, match="run `reled scenarios` "):
         get_scenario("atlantis")
+
+
+def test_a_scenario_has_one_identity_however_it_is_named(tmp_path, monkeypatch):
+    assert scenario_identity("grid2x2") == "grid2x2" and scenario_identity("cologne8") == "cologne8"
+    shutil.copytree(get_scenario("grid2x2").folder, tmp_path / "corridor")
+    monkeypatch.chdir(tmp_path)
+    assert scenario_identity("corridor") == scenario_identity(str(tmp_path / "corridor")) == str(tmp_path / "corridor")
+    assert scenario_identity("./corridor/") == str(tmp_path / "corridor")
+    imported = scenarios_home() / "corridor_imported"
+    shutil.copytree(tmp_path / "corridor", imported)
+    try:
+        assert scenario_identity(str(imported)) == scenario_identity("corridor_imported") == "corridor_imported"
+    finally:
+        shutil.rmtree(imported)
+    assert scenario_identity("atlantis") == "atlantis"  # not a scenario: left as given, so errors quote it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
@@ -41,7 +42,9 @@ def summary_table(summary: Summary, title: str) -> Table:
 
 
 def write_eval_json(path: Path, scenario: Scenario, demand: str, config: EnvConfig, results: list[EpisodeResult],
-                    summary: Summary) -> None:
+                    summary: Summary, policies: dict[str, Any] | None = None) -> None:
+    """Every episode and the summary; ``policies`` (label -> a dataclass: checkpoint, trained_on, zero_shot)
+    says where each trained policy came from, so a zero-shot row is marked in the file as in the table."""
     payload = {
         "scenario": scenario.name, "demand": demand,
         "vehicles_per_hour": scenario.demand(demand).vehicles_per_hour,
@@ -50,6 +53,7 @@ def write_eval_json(path: Path, scenario: Scenario, demand: str, config: EnvConf
                       **r.metrics.as_dict()} for r in results],
         "summary": {key: {name: {"mean": m, "std": s} for name, (m, s) in stats.items()}
                     for key, stats in summary.metrics.items()},
+        "policies": {name: dataclasses.asdict(origin) for name, origin in (policies or {}).items()},
     }
     atomic_write_text(path, json.dumps(payload, indent=2))
 

@@ -49,6 +49,9 @@ def eval_command(
     = None,
     policy: Annotated[list[Path] | None, typer.Option(help="Trained policy checkpoint (runs/NAME/best.pt or "
                                                            "latest.pt); repeatable.")] = None,
+    zero_shot: Annotated[bool, typer.Option("--zero-shot", help="Run --policy on a scenario it was not trained on "
+                                                                "(the shared actor fits any number of lights); "
+                                                                "labelled 'zero-shot from' its own.")] = False,
     demand: str = DEMAND,
     seeds: Annotated[int, typer.Option(min=1, help="Episodes per controller (SUMO seeds).")] = 3,
     first_seed: Annotated[int, typer.Option(help="First SUMO seed; seeds are consecutive.")] = 0,
@@ -74,6 +77,8 @@ def eval_command(
     from trainer.scenarios import get_scenario
     from trainer.sim.sumo_tools import sumo_home
 
+    if zero_shot and not policy:
+        raise RELEDError("--zero-shot runs a trained policy on another scenario: give it with --policy CKPT")
     names = [c.strip() for c in (controller or ("" if policy else "fixed")).split(",") if c.strip()]
     controllers = [make_controller(name) for name in names if name != "llm"]
     if gui:
@@ -85,10 +90,12 @@ def eval_command(
     resolved.demand(demand)
     resolved.check_files()
     sumo_home()
+    policies = []
     if policy:
         from trainer.marl.policy import load_policy_controller
 
-        controllers += [load_policy_controller(path, resolved, env_config) for path in policy]
+        policies = [load_policy_controller(path, resolved, env_config, zero_shot) for path in policy]
+        controllers += policies
     llm_backend = None
     if "llm" in names:
         from trainer.sed.experts import make_expert
@@ -124,7 +131,8 @@ def eval_command(
                           f"{stats.seconds:.1f} s", highlight=False)
     console.print(summary_table(summary, f"{resolved.name} / {demand}: mean ± std over {seeds} seed(s)"))
     if json_out:
-        write_eval_json(json_out, resolved, demand, env_config, results, summary)
+        origins = {p.name: p.origin for p in policies if p.origin is not None}
+        write_eval_json(json_out, resolved, demand, env_config, results, summary, origins)
         console.print(f"wrote {json_out}")
     if plot:
         from trainer.plots import bar_chart

@@ -18,6 +18,7 @@ from edge_runtime.errors import RELEDError
 from edge_runtime.features import MAX_PHASES, SCHEMA_VERSION, feature_size
 from edge_runtime.fileio import atomic_path, write_durably
 from trainer.marl.networks import Actor
+from trainer.scenarios import scenario_identity
 
 FORMAT = "reled-marl-checkpoint/1"
 
@@ -54,13 +55,20 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return data
 
 
-def check_scenario(data: dict[str, Any], path: Path, scenario: str, agents: list[str],
-                   n_phases: list[int]) -> None:
+def trained_here(data: dict[str, Any], scenario: str, agents: list[str], n_phases: list[int]) -> bool:
+    """Whether the checkpoint was trained on these intersections: the same scenario (by its identity, however
+    it is named: a folder by relative or absolute path), the same lights and phases."""
+    return (scenario_identity(data["scenario"]) == scenario_identity(scenario) and data["agents"] == agents
+            and data["n_phases"] == n_phases)
+
+
+def check_scenario(data: dict[str, Any], path: Path, scenario: str, agents: list[str], n_phases: list[int],
+                   other_use: str = "train a policy for this scenario") -> None:
     """Refuse a checkpoint trained on other intersections than the ones it would now control."""
-    if data["scenario"] != scenario or data["agents"] != agents or data["n_phases"] != n_phases:
+    if not trained_here(data, scenario, agents, n_phases):
         raise RELEDError(f"{path} was trained on scenario {data['scenario']} ({len(data['agents'])} lights), "
-                         f"not on {scenario} ({len(agents)} lights): evaluate it on {data['scenario']} "
-                         "or train a policy for this scenario")
+                         f"not on {scenario} ({len(agents)} lights): evaluate it on {data['scenario']}, "
+                         f"or {other_use}")
 
 
 def actor_from_checkpoint(data: dict[str, Any]) -> Actor:

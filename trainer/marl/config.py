@@ -14,7 +14,7 @@ from typing import Any, Literal
 from edge_runtime.errors import RELEDError
 from edge_runtime.settings import build_section, read_sections, section_values, settings_keys
 from trainer.env import EnvConfig
-from trainer.scenarios import DecisionTiming
+from trainer.scenarios import DecisionTiming, scenario_identity
 
 Algo = Literal["ippo", "mappo", "reled"]
 ALGOS: tuple[str, ...] = ("ippo", "mappo", "reled")
@@ -104,6 +104,9 @@ class TrainConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
 
     def __post_init__(self) -> None:
+        # one identity for the scenario however it was typed (a folder becomes its absolute path), so that
+        # eval, export and --resume recognise the run from any directory
+        object.__setattr__(self, "scenario", scenario_identity(self.scenario))
         # the environment plays the run's scenario and demand: derived here, never set twice
         object.__setattr__(self, "env", dataclasses.replace(self.env, scenario=self.scenario, demand=self.demand))
         if self.algo not in ALGOS:

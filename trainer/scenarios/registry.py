@@ -33,6 +33,20 @@ def list_scenarios() -> list[tuple[str, str]]:
     return rows
 
 
+def scenario_identity(name: str) -> str:
+    """One identity per scenario however it was named, so a run trained on a folder is recognised wherever it
+    is used: a synthetic, RESCO or imported name stays a name (an imported folder given by path becomes its
+    name); any other folder becomes its absolute path. What is not a scenario is returned unchanged."""
+    imported = Path(name).name == name and (scenarios_home() / name / SCENARIO_FILE).is_file()  # a name, not a path
+    if name in synthetic.GRIDS or name in resco.RESCO_NETS or imported:
+        return name
+    path = Path(name).expanduser()
+    if not (path / SCENARIO_FILE).is_file():
+        return name
+    folder = path.resolve()
+    return folder.name if folder.parent == scenarios_home().resolve() else str(folder)
+
+
 def get_scenario(name: str) -> Scenario:
     """Resolve a name (or a path to a scenario folder); synthetic grids are built on first use."""
     if name in synthetic.GRIDS:

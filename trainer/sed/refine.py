@@ -110,7 +110,7 @@ def agent_actor(policy: Path | None, env: TrafficSignalEnv, seed: int) -> tuple[
         ppo = PPOConfig()
         return Actor(ppo.hidden, ppo.layers, ppo.normalize_obs).eval(), f"fresh actor (seed {seed})"
     data = load_checkpoint(policy)
-    check_scenario(data, policy, env.scenario.name, list(env.possible_agents),
+    check_scenario(data, policy, env.config.scenario, list(env.possible_agents),
                    [i.n_phases for i in env.intersections])
     return actor_from_checkpoint(data), str(policy)
 
