@@ -19,6 +19,7 @@ from trainer.env import EnvConfig, TrafficSignalEnv
 from trainer.export import ExportRequest
 from trainer.marl.config import TrainConfig
 from trainer.scenarios import DecisionTiming, get_scenario
+from trainer.scenarios.demand import CONGESTED_SCALE
 from trainer.sed.generate import GenerateRequest
 from trainer.sed.llm import LLMSettings
 from trainer.sed.refine import RefineConfig
@@ -168,6 +169,9 @@ def test_eval_keeps_env_settings_from_the_config_file(assert_one_line_error, rel
                              "--lookahead-workers": str(DEFAULT_LOOKAHEAD_WORKERS)}),
     (["export"], {"--holdout-decisions": str(ExportRequest(Path("x")).holdout_decisions),
                   "--min-int8-agreement": f"{ExportRequest(Path('x')).min_int8_agreement:g}"}),
+    (["scenario", "import"], {"--vehicles-per-hour": "1800", "--congested-scale": f"{CONGESTED_SCALE:g}",
+                              "--vclass": "passenger", "--max-speed": "no cap",
+                              "--lefthand": "--osm: righthand; --net: the net's own"}),
 ])
 def test_help_shows_each_default_once_from_the_settings(reled, command, expected):
     proc = reled(*command, "--help", env={**os.environ, "COLUMNS": "400"})

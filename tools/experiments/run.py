@@ -29,7 +29,7 @@ SHARED = Path(os.environ.get("RELED_SHARED", ROOT.parent / "shared"))
 # Scenarios that are imported rather than built in, and how (the first run that needs one imports it).
 IMPORTS = {
     "orlando": ["--osm", str(SHARED / "data/osm/orlando/orlando_ucf.osm")],
-    "hong_kong": ["--net", str(SHARED / "data/sumo/hong_kong_ymt/ymt_lefthand.net.xml")],
+    "hong_kong": ["--net", str(SHARED / "data/sumo/hong_kong_ymt/ymt_lefthand.net.xml"), "--congested-scale", "2"],
 }
 HEURISTICS = "fixed,greedy,max-pressure"
 

@@ -1,4 +1,4 @@
-"""`reled scenarios` and `reled scenario show|import`: what can be simulated, and bringing in OSM cities."""
+"""`reled scenarios` and `reled scenario show|import`: what can be simulated; bringing in OSM cities and SUMO nets."""
 
 from __future__ import annotations
 
@@ -13,13 +13,22 @@ from trainer.cli.common import console
 from trainer.cli.options import LLM_EXPERT, SUBSET_SIZE, Flag, Given, OptionGroup, Setting
 
 SUBSETS = Setting(LLM_EXPERT, SUBSET_SIZE)
-OSM_IMPORT = OptionGroup(
+# import_osm and import_net share these parameters and their defaults.
+IMPORT = OptionGroup(
     "trainer.scenarios.osm_import:import_osm",
-    Flag("vehicle_classes", list[str], "Vehicle classes whose roads are kept (repeatable).", "--vclass"),
-    Flag("lefthand", bool, "Left-hand traffic (Hong Kong, UK, Japan...)."),
-    Flag("vehicles_per_hour", float, "Moderate demand; congested scales it."),
+    Flag("vehicle_classes", list[str], "--osm only: vehicle classes whose roads are kept (repeatable).", "--vclass"),
+    Flag("vehicles_per_hour", float, "Moderate demand."),
+    Flag("congested_scale", float, "Congested demand: the moderate trips with SUMO's --scale.", min=1.0),
     Flag("seed", int, "Seed of the random demand."),
+    Flag("max_speed_kmh", float, "Cap edge speeds above this (km/h), e.g. 50 for a city's limit: SUMO's OSM "
+                                 "defaults reach 80-100 km/h.", "--max-speed", none="no cap"),
     Flag("force", bool, "Rebuild an existing scenario."),
+)
+SIDE = OptionGroup(
+    "trainer.scenarios.net_import:import_net",
+    Flag("lefthand", bool, "Traffic side (left: Hong Kong, UK, Japan...). A --net on the other side is rebuilt: "
+                           "connections recomputed, signals guessed anew.", "--lefthand/--righthand",
+         none="--osm: righthand; --net: the net's own"),
 )
 
 
@@ -96,26 +105,41 @@ def _show_subsets(env: Any, subset_size: int, plot: Path | None) -> None:
 
 
 def import_command(
-    osm: Annotated[Path, typer.Option("--osm", help="OpenStreetMap XML extract (.osm).")],
     name: Annotated[str, typer.Option("--name", help="Scenario name (folder under $RELED_HOME/scenarios).")],
-    options: Given = OSM_IMPORT,
-    bbox: Annotated[str | None, typer.Option(help="Keep only WEST,SOUTH,EAST,NORTH (lon/lat).")] = None,
+    osm: Annotated[Path | None, typer.Option("--osm", help="OpenStreetMap XML extract (.osm).")] = None,
+    net: Annotated[Path | None, typer.Option("--net", help="SUMO net (.net.xml), e.g. edited in netedit.")] = None,
+    options: Given = IMPORT,
+    side: Given = SIDE,
+    bbox: Annotated[str | None, typer.Option(help="--osm only: keep WEST,SOUTH,EAST,NORTH (lon/lat).")] = None,
     if_missing: Annotated[bool, typer.Option(help="Do nothing if the scenario exists.")] = False,
 ) -> None:
-    """Turn an OSM extract into a scenario: netconvert with signal guessing, demand, provenance (ODbL)."""
+    """Turn an OSM extract (netconvert with signal guessing) or a SUMO net (kept as it is, or rebuilt for the
+    other traffic side) into a scenario: controlled lights, random-trip demand, provenance and licence."""
     from trainer.scenarios import scenarios_home
-    from trainer.scenarios.osm_import import import_osm
 
+    if (osm is None) == (net is None):
+        raise RELEDError("give exactly one of --osm FILE.osm or --net FILE.net.xml")
     if if_missing and (scenarios_home() / name / "scenario.toml").is_file():
         console.print(f"scenario {name} exists in {scenarios_home() / name}; nothing to do")
         return
-    if "vehicle_classes" in options:
-        options["vehicle_classes"] = tuple(options["vehicle_classes"])
-    box = _parse_bbox(bbox) if bbox else None
-    with console.status(f"importing {osm} as {name}..."):
-        scenario = import_osm(osm, name, scenarios_home(), bbox=box, **options)
-    console.print(f"[green]imported[/] {scenario.name} into {scenario.folder}: "
-                  f"{len(scenario.controlled or ())} controlled lights")
+    with console.status(f"importing {osm or net} as {name}..."):
+        if osm is not None:
+            from trainer.scenarios.osm_import import import_osm
+
+            if "vehicle_classes" in options:
+                options["vehicle_classes"] = tuple(options["vehicle_classes"])
+            box = _parse_bbox(bbox) if bbox else None
+            scenario = import_osm(osm, name, scenarios_home(), bbox=box, **options, **side)
+        else:
+            from trainer.scenarios.net_import import import_net
+
+            if "vehicle_classes" in options or bbox:
+                raise RELEDError("--vclass and --bbox apply to --osm imports: a --net import keeps the net's "
+                                 "roads as they are")
+            scenario = import_net(net, name, scenarios_home(), **options, **side)
+    prov = scenario.provenance
+    console.print(f"[green]imported[/] {scenario.name} into {scenario.folder}: {prov['lights_controlled']} of "
+                  f"{prov['lights_total']} lights controlled, licence {scenario.licence}")
 
 
 def _parse_bbox(text: str) -> tuple[float, float, float, float]:
