@@ -5,7 +5,11 @@ For agent k the loss gains w_k · E_(o,a_E)∈demos(k)[−log π_θ(a_E|o)] with
     w_k = w_max · (1 − exp(−d_k/σ)) · sigmoid((G_E,k − G_A,k) / (s·|G_A,k|))
 
 d_k the DTW distance between agent k's latest trajectory and its expert trajectory, σ the running
-mean of d, G_E,k and G_A,k the expert's and the agent's mean reward per decision on agent k. Far from
+mean of d, G_E,k and G_A,k the expert's and the agent's mean reward per decision on agent k. G_A,k comes
+from the latest greedy evaluation (what the agent would deploy, as the demonstration is what the expert
+deploys); the sampled training episodes, which explore, made the expert look better in every update of a
+cologne8 run (7 or 8 of 8 agents), long after the greedy policy had matched its delay. Before the first
+evaluation the training episodes stand in. Far from
 a better expert: imitate; close to it or past it: explore (the gate closes on an expert that is
 worse than the agent). The gate's scale is relative to |G_A,k| (a documented departure from a
 fixed s: queue rewards differ by an order of magnitude between nets).
@@ -101,8 +105,10 @@ class HybridObjective:
         return self.distance_sum / self.distance_count if self.distance_count else 0.0
 
     @torch.no_grad()
-    def weigh(self, episodes: list[Episode], actor: Actor) -> list[AgentWeight]:
-        """w_k for every agent from this update's episodes (d_k from the latest one)."""
+    def weigh(self, episodes: list[Episode], actor: Actor, greedy_return: list[float] | None = None,
+              ) -> list[AgentWeight]:
+        """w_k for every agent from this update's episodes (d_k from the latest one); G_A,k from
+        ``greedy_return`` (the latest evaluation's, per agent) when there is one."""
         latest = episodes[-1]
         n_agents = latest.obs.shape[1]
         normalize = actor.obs_norm
@@ -115,7 +121,8 @@ class HybridObjective:
             distances.append(dtw_distance(mine, theirs))
         self.distance_sum += float(np.sum(distances))
         self.distance_count += len(distances)
-        agent_return = np.mean([ep.rewards.mean(axis=0) for ep in episodes], axis=0)
+        agent_return = np.asarray(greedy_return) if greedy_return else np.mean(
+            [ep.rewards.mean(axis=0) for ep in episodes], axis=0)
         fixed = self.config.fixed_weight()
         out = []
         for k in range(n_agents):

@@ -53,6 +53,7 @@ class RunProgress:
     sed_seconds: float = 0.0  # RELED: wall-clock spent making and renewing demonstrations (in wall_seconds)
     demos_version: int = 0  # RELED: the demos-vN folder in force
     sed_passes: int = 0
+    greedy_agent_return: list[float] = field(default_factory=list)  # per agent, the latest periodic evaluation's
     history: list[float] = field(default_factory=list)  # eval-episode delays, for the last-10 figure
 
 

@@ -170,7 +170,8 @@ class TrainingRun:
         hpo_stats: dict[str, Any] = {}
         if self.objective is not None:
             hpo_start = time.perf_counter()
-            weights = self.objective.weigh(episodes, self.learner.actor)  # the normalizer the episodes saw
+            weights = self.objective.weigh(episodes, self.learner.actor,  # the normalizer the episodes saw
+                                           progress.greedy_agent_return)
             batch = RolloutBatch.concat([batch, self.objective.expert_rows(weights, batch.critic_in.shape[1])])
             hpo_stats = {**weight_summary(weights, self.objective.sigma),
                          "hpo_seconds": time.perf_counter() - hpo_start, **dict.fromkeys(SED_STATS)}
@@ -239,6 +240,8 @@ class TrainingRun:
         episodes = pool.collect(self.learner.actor.state_dict(), jobs)
         if not final:
             progress.eval_episodes += n
+            # per agent, mean reward per decision of the greedy policy: HPO's G_A,k until the next evaluation
+            progress.greedy_agent_return = np.mean([ep.rewards.mean(axis=0) for ep in episodes], axis=0).tolist()
         for ep in episodes:
             progress.history.append(ep.metrics["avg_delay"])
             self.evaluations.append({"update": progress.updates, "agent_steps": progress.agent_steps,
