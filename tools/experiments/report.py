@@ -50,6 +50,7 @@ class Curve:
     reward: np.ndarray
     summary: dict[str, Any]
     eval_delays: list[float]  # every periodic evaluation's mean, in order (stability)
+    final_travel: float  # the final policy's travel time (its last-10 evaluation episodes)
 
     @property
     def final(self) -> float:
@@ -61,7 +62,9 @@ def load_curve(folder: Path) -> Curve | None:
     if not summary_path.is_file() or not json.loads(summary_path.read_text()).get("finished"):
         return None
     summary = json.loads(summary_path.read_text())
-    evals = [r for r in read_csv(folder / "evaluations.csv") if r["final"] == "0"]
+    every = read_csv(folder / "evaluations.csv")
+    evals = [r for r in every if r["final"] == "0"]
+    final_travel = float(np.mean([float(r["avg_travel_time"]) for r in every if r["final"] == "1"]))
     updates = sorted({int(r["update"]) for r in evals})
     rows = [[r for r in evals if int(r["update"]) == u] for u in updates]
     metrics = read_csv(folder / "metrics.csv")
@@ -74,7 +77,7 @@ def load_curve(folder: Path) -> Curve | None:
                  np.array([mean(g, "avg_travel_time") for g in rows]),
                  np.array([float(m["agent_steps"]) for m in metrics]),
                  np.array([float(m["train_reward"]) for m in metrics]),
-                 summary, [mean(g, "avg_delay") for g in rows])
+                 summary, [mean(g, "avg_delay") for g in rows], final_travel)
 
 
 def mean_curve(curves: list[Curve], attr: str, x: str = "steps") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -130,8 +133,12 @@ class Report:
                        "Greedy evaluation episodes during training (mean ± std over seeds), RELED's timing. "
                        "RELED's wall-clock starts with the time its demonstrations took (SED with the embedded "
                        "SmolLM2 model) and includes every SED pass during training.", "",
+                       "*Steps to IPPO's final*: the first periodic evaluation (mean over seeds) at or below IPPO's "
+                       "final delay, and its share of IPPO's budget (the agent-steps that gave IPPO that delay). "
+                       "Periodic evaluations play SUMO seeds 1000+, the final ones seeds 0-9 (as the heuristics).", "",
                        "| scenario | demand | algo | seeds | last-10 delay (s) | travel time (s) | var. last 20 evals "
-                       "| steps to IPPO's final | wall-clock (min) |", "|---|---|---|---|---|---|---|---|---|"]
+                       "| steps to IPPO's final (share of its budget) | wall-clock (min), SED part |",
+                       "|---|---|---|---|---|---|---|---|---|"]
         for scenario in dict.fromkeys(r.scenario for r in self.runs("a")):
             for demand in dict.fromkeys(r.demand for r in self.runs("a", scenario=scenario)):
                 groups = {algo: self.curves(self.runs("a", scenario=scenario, demand=demand, algo=algo))
@@ -153,16 +160,23 @@ class Report:
             finals = [c.final for c in curves]
             stability = float(np.mean([np.var(c.eval_delays[-STABILITY_N:]) for c in curves]))
             reach = steps_to(curves, ippo_final) if ippo_final is not None else None
-            travel = float(np.mean([c.travel[-1] for c in curves]))
+            travel = float(np.mean([c.final_travel for c in curves]))
             wall = float(np.mean([c.summary["wall_seconds"] for c in curves])) / 60
+            sed = float(np.mean([c.summary.get("sed_seconds", 0.0) for c in curves])) / 60
+            budget = float(curves[0].summary["agent_steps"]) if algo == "ippo" else None
             record[algo] = {"seeds": [c.summary["seed"] for c in curves], "last10_mean": float(np.mean(finals)),
                             "last10_std": float(np.std(finals)), "stability_var": stability,
                             "steps_to_ippo_final": reach, "budget": float(curves[0].summary["agent_steps"]),
-                            "wall_minutes": wall,
-                            "sed_minutes": float(np.mean([c.summary.get("sed_seconds", 0.0) for c in curves])) / 60}
-            reach_text = "–" if reach is None else f"{reach:,.0f}"
+                            "wall_minutes": wall, "sed_minutes": sed}
+            if budget:
+                record["ippo_budget"] = budget
+            share = "" if reach is None or not record.get("ippo_budget") else \
+                f" ({reach / record['ippo_budget']:.0%})"
+            reach_text = "not reached" if reach is None else f"{reach:,.0f}{share}"
+            sed_text = f", {sed:.1f}" if sed else ""
             self.lines.append(f"| {scenario} | {demand} | {algo} | {len(curves)} | {np.mean(finals):.1f} ± "
-                              f"{np.std(finals):.1f} | {travel:.1f} | {stability:.2f} | {reach_text} | {wall:.1f} |")
+                              f"{np.std(finals):.1f} | {travel:.1f} | {stability:.2f} | {reach_text} | "
+                              f"{wall:.1f}{sed_text} |")
         for name in ("fixed", "greedy", "max-pressure"):
             if name in refs:
                 self.lines.append(f"| {scenario} | {demand} | {name} | – | {refs[name]['delay']:.1f} | "
@@ -199,6 +213,36 @@ class Report:
         fig.savefig(self.figures / name, dpi=110)
         plt.close(fig)
         self.lines += ["", f"![{scenario} {demand}](figures/{name})", ""]
+
+    def targets(self) -> None:
+        """The issue's targets per scenario and demand, each MET or NOT MET with its figures."""
+        rows = []
+        for setting, record in self.data.get("efficiency", {}).items():
+            reled, ippo = record.get("reled"), record.get("ippo")
+            if not reled or not ippo:
+                continue
+            best = min((record["heuristics"][h]["delay"] for h in ("greedy", "max-pressure")
+                        if h in record["heuristics"]), default=None)
+            reach, budget = reled["steps_to_ippo_final"], record.get("ippo_budget")
+            checks = [
+                ("reaches IPPO's final delay in ≤ 50% of IPPO's agent-steps",
+                 reach is not None and budget is not None and reach <= 0.5 * budget,
+                 "not reached" if reach is None else f"{reach:,.0f} of {budget:,.0f} ({reach / budget:.0%})"),
+                ("final delay no worse than IPPO's", reled["last10_mean"] <= ippo["last10_mean"],
+                 f"{reled['last10_mean']:.2f} vs {ippo['last10_mean']:.2f} s"),
+            ]
+            if best is not None:
+                checks.append(("final delay ≥ 5% below the best heuristic", reled["last10_mean"] <= 0.95 * best,
+                               f"{reled['last10_mean']:.2f} vs {best:.2f} s (≤ {0.95 * best:.2f})"))
+            checks.append(("steadier than IPPO (variance of the last 20 evaluations)",
+                           reled["stability_var"] <= ippo["stability_var"],
+                           f"{reled['stability_var']:.2f} vs {ippo['stability_var']:.2f} s²"))
+            rows += [f"| {setting} | {what} | {'MET' if ok else 'NOT MET'} | {figures} |"
+                     for what, ok, figures in checks]
+            record["targets"] = {what: {"met": ok, "figures": figures} for what, ok, figures in checks}
+        if rows:
+            self.lines += ["## Targets (mean of the seeds; the final policy = its last-10 evaluation mean)", "",
+                           "| setting | target | verdict | figures |", "|---|---|---|---|", *rows, ""]
 
     # -- RESCO timing targets -------------------------------------------------------------------
     def resco(self) -> None:
@@ -359,7 +403,9 @@ def main() -> None:
     out = args.out or ROOT / "out" / ("experiments-quick" if args.quick else "experiments")
     page = args.page or (out / "reled.md" if args.quick else ROOT / "docs" / "results" / "reled.md")
     report = Report(out, page, "quick" if args.quick else "full")
-    for part in (report.efficiency, report.resco, report.scalability, report.generalization, report.ablations):
+    parts = (report.efficiency, report.targets, report.resco, report.scalability, report.generalization,
+             report.ablations)
+    for part in parts:
         part()
     head = ["# RELED vs IPPO vs MAPPO: the paper's experiments on real cities", "",
             "Generated by `tools/experiments/report.py` from the runs of `tools/experiments/run.py` "
