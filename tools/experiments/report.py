@@ -47,6 +47,7 @@ class Curve:
     delay: np.ndarray
     travel: np.ndarray
     reward_steps: np.ndarray
+    reward_wall: np.ndarray
     reward: np.ndarray
     summary: dict[str, Any]
     eval_delays: list[float]  # every periodic evaluation's mean, in order (stability)
@@ -76,13 +77,14 @@ def load_curve(folder: Path) -> Curve | None:
                  np.array([float(g[0]["wall_seconds"]) for g in rows]), np.array([mean(g, "avg_delay") for g in rows]),
                  np.array([mean(g, "avg_travel_time") for g in rows]),
                  np.array([float(m["agent_steps"]) for m in metrics]),
+                 np.array([float(m["wall_seconds"]) for m in metrics]),
                  np.array([float(m["train_reward"]) for m in metrics]),
                  summary, [mean(g, "avg_delay") for g in rows], final_travel)
 
 
 def mean_curve(curves: list[Curve], attr: str, x: str = "steps") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean ± std over seeds on the grid of the shortest run (runs of one setting share their x points)."""
-    xs = [getattr(c, x if attr != "reward" else "reward_steps") for c in curves]
+    xs = [getattr(c, x if attr != "reward" else f"reward_{x}") for c in curves]
     grid = np.linspace(max(v[0] for v in xs), min(v[-1] for v in xs), 50)
     values = np.stack([np.interp(grid, xv, getattr(c, attr)) for xv, c in zip(xs, curves, strict=True)])
     return grid, values.mean(0), values.std(0)
@@ -191,22 +193,27 @@ class Report:
                                                  ("reward", "training episode reward per agent"))):
                 ax = axes[row, col]
                 for algo, curves in groups.items():
-                    grid, mean, std = mean_curve(curves, attr, x)
-                    grid = grid / 60 if x == "wall" else grid
-                    ax.plot(grid, mean, color=COLORS.get(algo), label=f"{algo} (n={len(curves)})")
-                    ax.fill_between(grid, mean - std, mean + std, color=COLORS.get(algo), alpha=0.2)
+                    if x == "steps":  # runs of one setting share their agent-steps: mean ± std
+                        grid, mean, std = mean_curve(curves, attr, x)
+                        ax.plot(grid, mean, color=COLORS.get(algo), label=f"{algo} (n={len(curves)})")
+                        ax.fill_between(grid, mean - std, mean + std, color=COLORS.get(algo), alpha=0.2)
+                        continue
+                    for k, c in enumerate(curves):  # wall-clock differs per run: every seed its own line
+                        wall = c.reward_wall if attr == "reward" else c.wall
+                        ax.plot(wall / 60, getattr(c, attr), color=COLORS.get(algo), lw=1, alpha=0.8,
+                                label=f"{algo} (each seed)" if k == 0 else None)
                 if attr != "reward":
                     key = "delay" if attr == "delay" else "travel"
                     for name, style in (("fixed", ":"), ("max-pressure", "--")):
                         if name in refs:
                             ax.axhline(refs[name][key], ls=style, color="grey", lw=1,
                                        label=f"{name} ({refs[name][key]:.1f} s)")
-                    if "max-pressure" in refs:
-                        low, high = ax.get_ylim()
-                        ax.set_ylim(low, min(high, 1.8 * refs["max-pressure"][key]))
+                    if "max-pressure" in refs:  # the first, much worse evaluations run off the top
+                        ax.set_ylim(0.6 * refs["max-pressure"][key], 1.8 * refs["max-pressure"][key])
                 ax.set_xlabel("agent-steps" if x == "steps" else "wall-clock (min, SED included)")
                 ax.set_ylabel(label)
         axes[0, 0].legend(fontsize=8)
+        axes[1, 0].legend(fontsize=8)
         fig.suptitle(f"{scenario} / {demand}: RELED vs IPPO vs MAPPO (mean ± std over seeds)")
         name = f"reled_a_{scenario}_{demand}.png"
         fig.tight_layout()
