@@ -102,7 +102,7 @@ def quick() -> Profile:
     runs += [Run("c", "cologne1", "moderate", algo, 0, steps, flags=tools_only if algo == "reled" else ())
              for algo in ("ippo", "reled")]
     zero_shot = [("grid2x2", "moderate", "grid2x2", "congested"), ("grid2x2", "moderate", "cologne1", "moderate")]
-    return Profile("quick", runs, zero_shot, heuristics_episodes=1, sed_every=2)
+    return Profile("quick", runs, zero_shot, heuristics_episodes=1, sed_every=1)
 
 
 PROFILES = {"full": full, "quick": quick}
