@@ -25,15 +25,18 @@ demo: install
 	$(BIN)/reled scenario import --osm $(SHARED)/data/osm/orlando/orlando_ucf.osm --name orlando --if-missing
 	$(BIN)/reled eval --scenario orlando --demand moderate --controller fixed,greedy,max-pressure \
 		--seeds 2 --json $(OUT)/demo_orlando.json --plot $(OUT)/demo_orlando.png
-	@test -f $(OUT)/runs/demo-ippo-cologne8/summary.json || $(BIN)/reled train --algo ippo --scenario cologne8 \
-		--steps 288000 --config configs/resco_timing.toml --runs-dir $(OUT)/runs --name demo-ippo-cologne8
-	$(BIN)/reled eval --scenario cologne8 --config configs/resco_timing.toml --seeds 3 \
-		--policy $(OUT)/runs/demo-ippo-cologne8/latest.pt --controller fixed,greedy,max-pressure \
-		--json $(OUT)/demo_cologne8.json --plot $(OUT)/demo_cologne8.png
 	@test -f $(OUT)/demos/cologne8-moderate-verified/manifest.json || $(BIN)/reled demos generate \
 		--scenario cologne8 --out $(OUT)/demos/cologne8-moderate-verified
 	$(BIN)/reled demos show $(OUT)/demos/cologne8-moderate-verified
-	$(BIN)/reled export --run $(OUT)/runs/demo-ippo-cologne8 --out $(OUT)/policy.onnx --int8
+	@test -f $(OUT)/runs/demo-ippo-cologne8/summary.json || $(BIN)/reled train --algo ippo --scenario cologne8 \
+		--steps 144000 --runs-dir $(OUT)/runs --name demo-ippo-cologne8
+	@test -f $(OUT)/runs/demo-reled-cologne8/summary.json || $(BIN)/reled train --algo reled --scenario cologne8 \
+		--steps 144000 --demos $(OUT)/demos/cologne8-moderate-verified --runs-dir $(OUT)/runs --name demo-reled-cologne8
+	$(BIN)/reled compare $(OUT)/runs/demo-ippo-cologne8 $(OUT)/runs/demo-reled-cologne8 --plot $(OUT)/demo_compare.png
+	$(BIN)/reled eval --scenario cologne8 --seeds 3 --controller fixed,greedy,max-pressure \
+		--policy $(OUT)/runs/demo-reled-cologne8/latest.pt --policy $(OUT)/runs/demo-ippo-cologne8/latest.pt \
+		--json $(OUT)/demo_cologne8.json --plot $(OUT)/demo_cologne8.png
+	$(BIN)/reled export --run $(OUT)/runs/demo-reled-cologne8 --out $(OUT)/policy.onnx --int8
 	rm -rf $(OUT)/fleet
 	$(BIN)/reled-edge fleet up --policy $(OUT)/policy.onnx --devices 3 --dir $(OUT)/fleet --deploy
 
