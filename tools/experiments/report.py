@@ -344,11 +344,11 @@ class Report:
             run_key, target = path.stem.split("--")
             algo, rest = run_key.split("-", 1)
             trained = rest.rsplit("-s", 1)[0]
-            data = json.loads(path.read_text())
-            summary = data["summary"]["avg_delay"]
+            summary = json.loads(path.read_text())["summary"]["avg_delay"]
             policy = next(k for k in summary if k not in ("fixed", "greedy", "max-pressure"))
             results.setdefault((trained, target, algo), []).append(summary[policy]["mean"])
-            refs[target] = {k: v["mean"] for k, v in summary.items() if k in ("greedy", "max-pressure")}
+            scenario, demand = target.rsplit("-", 1)
+            refs[target] = {k: v["delay"] for k, v in self.heuristics(scenario, demand).items()}
         for (trained, target, algo), values in sorted(results.items()):
             self.lines.append(f"| {trained} | {target} | {algo} | {len(values)} | {np.mean(values):.1f} ± "
                               f"{np.std(values):.1f} | {refs[target].get('greedy', float('nan')):.1f} | "

@@ -123,10 +123,9 @@ class Runner:
                 target = self.out / "zero_shot" / f"{key}--{scenario}-{demand}.json"
                 if target.is_file() or not policy.is_file():
                     continue
-                self.step(f"zero-shot-{target.stem}", [
+                self.step(f"zero-shot-{target.stem}", [  # the heuristics on the same seeds are in heuristics/
                     reled(), "eval", "--scenario", scenario, "--demand", demand, "--policy", str(policy),
-                    "--zero-shot", "--controller", HEURISTICS, "--seeds", str(self.profile.heuristics_episodes),
-                    "--json", str(target)])
+                    "--zero-shot", "--seeds", str(self.profile.heuristics_episodes), "--json", str(target)])
 
 
 def main() -> None:
