@@ -364,12 +364,17 @@ class Report:
         base = runs[0]
         full = self.curves([Run("a", base.scenario, base.demand, "reled", s, base.steps) for s in SEEDS])
         ippo = self.curves([Run("a", base.scenario, base.demand, "ippo", s, base.steps) for s in SEEDS])
-        groups = {"reled (full)": full, **{name: self.curves([r for r in runs if r.variant == name])
-                                            for name in ABLATIONS}, "ippo": ippo}
+        variants = {name: self.curves([r for r in runs if r.variant == name]) for name in ABLATIONS}
+        seeds = sorted({c.summary["seed"] for curves in variants.values() for c in curves})
+        same = [c for c in full if c.summary["seed"] in seeds]  # the full method on the ablations' seeds
+        groups = {"reled (full)": full, f"reled (full), seeds {','.join(map(str, seeds))}": same, **variants,
+                  "ippo": ippo}
+        if len(same) == len(full):
+            groups.pop(f"reled (full), seeds {','.join(map(str, seeds))}")
         groups = {k: v for k, v in groups.items() if v}
         self.lines += [f"## (e) Ablations on {base.scenario} / {base.demand}", "",
-                       "| variant | seeds | last-10 delay (s) | steps to IPPO's final | mean w_k (first 10 updates) |",
-                       "|---|---|---|---|---|"]
+                       "| variant | seeds | last-10 delay (s) | steps to IPPO's final | mean w_k | agents whose expert "
+                       "is better | imitation share of the loss |", "|---|---|---|---|---|---|---|"]
         ippo_final = float(np.mean([c.final for c in ippo])) if ippo else None
         fig, ax = plt.subplots(figsize=(8, 4.8))
         for k, (name, curves) in enumerate(groups.items()):
@@ -377,12 +382,13 @@ class Report:
             ax.plot(grid, mean, color=f"C{k}", label=name)
             ax.fill_between(grid, mean - std, mean + std, color=f"C{k}", alpha=0.15)
             reach = steps_to(curves, ippo_final) if ippo_final is not None else None
-            weights = [float(r["hpo/w_mean"]) for c in curves
-                       for r in read_csv(self.out / "runs" / c.key / "metrics.csv")[:10] if r.get("hpo/w_mean")]
-            w_text = f"{np.mean(weights):.2f}" if weights else "–"
+            rows = [r for c in curves for r in read_csv(self.out / "runs" / c.key / "metrics.csv")]
+            diagnostics = [np.mean([float(r[k]) for r in rows if r.get(k)]) if any(r.get(k) for r in rows) else None
+                           for k in ("hpo/w_mean", "hpo/gate_open", "loss/imitation_share")]
+            texts = ["–" if v is None else f"{v:.2f}" for v in diagnostics]
             self.lines.append(f"| {name} | {len(curves)} | {np.mean([c.final for c in curves]):.1f} ± "
                               f"{np.std([c.final for c in curves]):.1f} | "
-                              f"{'–' if reach is None else f'{reach:,.0f}'} | {w_text} |")
+                              f"{'–' if reach is None else f'{reach:,.0f}'} | {' | '.join(texts)} |")
             self.data.setdefault("ablations", {})[name] = {"last10": [c.final for c in curves], "steps_to": reach}
         ax.set_xlabel("agent-steps")
         ax.set_ylabel("evaluation average delay (s)")
