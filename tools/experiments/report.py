@@ -112,7 +112,7 @@ class Report:
         self.out, self.page, self.figures = out, page, page.parent / "figures"
         self.profile = PROFILES[profile_name]()
         self.lines: list[str] = []
-        self.data: dict[str, Any] = {"missing": []}
+        self.data: dict[str, Any] = {}
         self.figures.mkdir(parents=True, exist_ok=True)
 
     # -- inputs --------------------------------------------------------------------------------
@@ -120,9 +120,7 @@ class Report:
         found = []
         for run in runs:
             curve = load_curve(self.out / "runs" / run.key)
-            if curve is None:
-                self.data["missing"].append(run.key)
-            else:
+            if curve is not None:
                 found.append(curve)
         return found
 
@@ -401,7 +399,8 @@ class Report:
         self.lines += ["", "![ablations](figures/reled_e_ablations.png)", ""]
 
     def write(self, head: list[str]) -> None:
-        missing = self.data["missing"]
+        missing = [r.key for r in self.profile.runs if load_curve(self.out / "runs" / r.key) is None]
+        self.data["missing"] = missing
         tail = ["## Not run yet", "", f"{len(missing)} run(s) of the plan have not finished: "
                 + ", ".join(f"`{m}`" for m in missing), ""] if missing else []
         self.page.write_text("\n".join(head + self.lines + tail) + "\n")
