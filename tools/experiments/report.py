@@ -439,7 +439,11 @@ def main() -> None:
             f"{LAST_N} greedy evaluation episodes (SUMO seeds 0-9), averaged over training seeds; the curves "
             "end with that figure. "
             f"Stability: variance of the last {STABILITY_N} periodic evaluations.", "",
-            f"Machine and time: {machines(out)}.", ""]
+            f"Machine and time: {machines(out)}.", "",
+            "Reproduce: `make experiments` (every run of the plan, resumable), or one part with "
+            "`.venv/bin/python tools/experiments/run.py --only a|c|d|e|resco [--scenarios S] [--demands D] "
+            "[--algos A] [--seeds N]` followed by `.venv/bin/python tools/experiments/report.py`; the training "
+            "overhead with `.venv/bin/python tools/bench/train_throughput.py`.", ""]
     findings = Path(__file__).with_name(FINDINGS)
     if not args.quick and findings.is_file():  # the reading of the figures, written by hand, kept on regeneration
         head += [findings.read_text().strip(), ""]
