@@ -164,9 +164,8 @@ def sed_pass(run: Path, version: int, config: TrainConfig, facts: RunFacts, acto
     fresh = open_demos(fresh_folder, facts)
     candidates = rescore(fresh, actor, refine)
     replaced = [old.subset for old, new in zip(kept, candidates, strict=True) if new.score > old.score]
-    rows = [{"update": update, "source": source, "adopted": int((j in replaced) == (source == "fresh")),
-             **asdict(s)} for source, scores in (("kept", kept), ("fresh", candidates))
-            for j, s in ((s.subset, s) for s in scores)]
+    rows = [{"update": update, "source": source, "adopted": int((s.subset in replaced) == (source == "fresh")),
+             **asdict(s)} for source, scores in (("kept", kept), ("fresh", candidates)) for s in scores]
     if replaced:
         _write_merged(demos_folder(run, version + 1), current, fresh, replaced, update)
         version += 1
@@ -177,13 +176,10 @@ def sed_pass(run: Path, version: int, config: TrainConfig, facts: RunFacts, acto
 def _write_merged(target: Path, current: DemoSet, fresh: DemoSet, replaced: list[int], update: int) -> None:
     """The kept set with the ``replaced`` subsets' rows (and scores) taken from ``fresh``."""
     sources = [(fresh if j in replaced else current) for j in range(len(current.manifest["kept"]))]
-    columns = {}
-    for name in COLUMNS:
-        parts = []
-        for j, source in enumerate(sources):
-            rows = np.flatnonzero(np.asarray(source.columns["subset"]) == j)
-            parts.append(np.asarray(source.columns[name])[rows])
-        columns[name] = np.concatenate(parts)
+    rows = [np.flatnonzero(np.asarray(source.columns["subset"]) == j) for j, source in enumerate(sources)]
+    columns = {name: np.concatenate([np.asarray(source.columns[name])[r] for source, r in zip(sources, rows,
+                                                                                           strict=True)])
+               for name in COLUMNS}
     manifest = {k: v for k, v in current.manifest.items() if k not in ("format", "schema_version", "feature_size",
                                                                         "max_phases", "rows", "columns")}
     manifest["kept"] = [(fresh if j in replaced else current).manifest["kept"][j] for j in range(len(sources))]

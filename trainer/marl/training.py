@@ -26,7 +26,6 @@ from trainer.marl.checkpoint import check_scenario, load_checkpoint, save_checkp
 from trainer.marl.config import TrainConfig
 from trainer.marl.expert_demos import (
     RunFacts,
-    check_given,
     demos_folder,
     initial_demos,
     open_demos,
@@ -101,13 +100,11 @@ class TrainingRun:
             raise RELEDError(f"run folder {folder} already exists: use --resume {folder} to continue it, "
                              "or --name to start another")
         run = cls(folder, config, RunProgress(), None)  # checks the scenario before anything is written
-        if config.algo == "reled" and config.hpo.demos:
-            check_given(Path(config.hpo.demos), config, run.facts)  # a store that cannot teach this run: refused now
         folder.mkdir(parents=True, exist_ok=True)
         if config.algo == "reled":
             try:
                 seconds = initial_demos(folder, config, run.facts)
-            except BaseException:  # nothing half-made is left for --resume to trip on
+            except BaseException:  # a refused --demos store or a failed SED run: nothing is left behind
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
             # the demonstrations' cost is part of RELED's wall-clock (experiment b)
