@@ -4,6 +4,7 @@ daemon."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -14,10 +15,13 @@ import typer
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from edge_runtime import __version__
-from edge_runtime.console import console, user_errors
+from edge_runtime.console import console, err_console, user_errors
+from edge_runtime.errors import RELEDError
 from edge_runtime.features import MAX_PHASES, SCHEMA_VERSION, feature_names
+from edge_runtime.logs import setup_logging
 from edge_runtime.shield import SignalTiming
 
 app = typer.Typer(help="RELED edge runtime: the intersection controller daemon and the fleet tools that deploy "
@@ -42,9 +46,7 @@ DEFAULT_DEVICES = Path("firmware_configs/devices")
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("edge_runtime.mqtt").setLevel(logging.WARNING if not verbose else logging.DEBUG)
+    setup_logging(verbose)
 
 
 @app.command()
@@ -95,41 +97,53 @@ def keys_init(
 @user_errors
 def broker_start(
     keys: KeysOption = DEFAULT_KEYS,
-    dir: Annotated[Path, typer.Option("--dir", help="Where the config, password file, ACL, persistence and "
-                                                    "log go.")] = DEFAULT_BROKER_DIR,
+    dir: Annotated[Path, typer.Option("--dir", help="Where the config, password files, ACLs, persistence and "
+                                                    "log go (owned by the mosquitto user when started as root).")]
+    = DEFAULT_BROKER_DIR,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Plain MQTT port.")] = 1883,
-    tls_port: Annotated[int | None, typer.Option(help="Also listen with TLS here (a CA and server certificate "
-                                                      "are generated into KEYS/tls).")] = None,
+    port: Annotated[int, typer.Option(help="Plain MQTT port for devices.")] = 1883,
+    tls_port: Annotated[int | None, typer.Option(help="TLS port for devices (a CA and server certificate are "
+                                                      "generated into KEYS/tls); the server port uses TLS too.")]
+    = None,
+    tls_only: Annotated[bool, typer.Option("--tls-only", help="No plain MQTT port: devices connect over TLS only "
+                                                              "(the production setting).")] = False,
+    tls_name: Annotated[list[str] | None, typer.Option(help="A DNS name or IP address devices reach the broker by, "
+                                                            "added to the server certificate (repeatable).")] = None,
+    server_port: Annotated[int | None, typer.Option(help="Port of the fleet tools' listener (reled-server only) "
+                                                         "\\[default: the TLS port + 1 with --tls-port, else "
+                                                         "--port + 1]")] = None,
 ) -> None:
-    """Start Mosquitto: no anonymous access, one user per device, each device limited to its own topics."""
+    """Start Mosquitto: no anonymous access, one user per device, each device limited to its own topics and
+    its user name as client id; the fleet tools connect to a listener of their own."""
     from edge_runtime.fleet import broker
     from edge_runtime.keys import KeyFolder
 
-    info = broker.start(dir, KeyFolder(keys), host, port, tls_port)
-    tls = f", TLS on {info.tls_port} (CA {info.ca_file})" if info.tls_port else ""
-    console.print(f"mosquitto running on {info.host}:{info.port}{tls}, pid {info.pid}; log {dir / 'mosquitto.log'}")
+    info = broker.start(dir, KeyFolder(keys), host, port, tls_port, server_port, tls_only, list(tls_name or []))
+    plain = f"devices on {info.port}, " if info.port is not None else ""
+    tls = f"devices over TLS on {info.tls_port} (CA {info.ca_file}), " if info.tls_port is not None else ""
+    console.print(f"mosquitto running on {info.host}: {plain}{tls}fleet tools on {info.server_port}; pid {info.pid}, "
+                  f"log {dir.resolve() / 'mosquitto.log'}")
 
 
 @broker_app.command("stop")
 @user_errors
 def broker_stop(dir: Annotated[Path, typer.Option("--dir", help="The folder given to `broker start`.")]
                 = DEFAULT_BROKER_DIR) -> None:
-    """Stop the broker started from --dir (its retained messages are saved)."""
+    """Stop the broker started from --dir (its retained messages are saved); a recorded pid that is no longer
+    that broker is left alone."""
     from edge_runtime.fleet import broker
 
-    pid = broker.stop(dir)
-    console.print(f"stopped mosquitto (pid {pid})" if pid else "no broker was running")
+    console.print(broker.stop(dir))
 
 
 # -- fleet ----------------------------------------------------------------------------------------
 def _server(keys: Path, broker_dir: Path, host: str | None, port: int | None, name: str,
-            extra: list[str] | None = None) -> Any:
+            extra: list[str] | None = None, will: tuple[str, bytes] | None = None) -> Any:
     from edge_runtime.fleet.server import ServerLink, server_address
     from edge_runtime.keys import KeyFolder
 
     folder = KeyFolder(keys)
-    return ServerLink(folder, server_address(folder, broker_dir, host, port), name, extra or []).start()
+    return ServerLink(folder, server_address(folder, broker_dir, host, port), name, extra or [], will).start()
 
 
 @app.command()
@@ -142,7 +156,9 @@ def deploy(
                                                     "they all committed.")] = 0,
     chunk_size: Annotated[int, typer.Option(help="Bytes per chunk message (1024..65536).")] = 65536,
     expires_hours: Annotated[float, typer.Option(help="Devices refuse the manifest after this long.")] = 24.0,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for every device to commit.")] = 600.0,
+    timeout: Annotated[float, typer.Option(help="Give a device up after this many seconds without progress (a "
+                                                "chunk, a state, a probation decision); run the same deploy again "
+                                                "later and the download resumes.")] = 600.0,
     devices: DevicesOption = DEFAULT_DEVICES,
     keys: KeysOption = DEFAULT_KEYS,
     broker_dir: BrokerDirOption = DEFAULT_BROKER_DIR,
@@ -167,8 +183,8 @@ def deploy(
             t.add_column(column)
         for target in targets:
             colour = {"committed": "green", "failed": "red"}.get(target.outcome, "yellow")
-            t.add_row(target.device, target.intersection, target.progress, f"[{colour}]{target.outcome}[/]",
-                      escape(target.detail))
+            t.add_row(Text(target.device), Text(target.intersection), Text(target.progress),  # device text: no markup
+                      f"[{colour}]{target.outcome}[/]", Text(target.detail))
         return t
 
     try:
@@ -179,8 +195,9 @@ def deploy(
         server.close()
     console.print(table(results))
     done = sum(r.outcome == DONE for r in results)
+    refused = f", {server.chunks.refused} chunk requests refused" if server.chunks.refused else ""
     console.print(f"{done}/{len(results)} committed in {time.monotonic() - start:.1f} s, "
-                  f"{server.chunks_served} chunks served")
+                  f"{server.chunks.served} chunks served{refused}")
     if done < len(results):
         raise typer.Exit(1)
 
@@ -194,7 +211,8 @@ def status(
     port: PortOption = None,
     settle: Annotated[float, typer.Option(help="Seconds to gather the retained reports.")] = 1.0,
 ) -> None:
-    """Every device's reported state, model, mode and drift from its desired state."""
+    """Every device's reported state, model, mode and drift from its desired state; a device whose messages break
+    the protocol's schema is listed as invalid, with the reason."""
     from edge_runtime.fleet.deploy import fleet_snapshot
 
     server = _server(keys, broker_dir, host, port, "status")
@@ -206,18 +224,21 @@ def status(
     for column in ("device", "online", "state", "active", "desired", "drift", "mode", "decisions", "outbox",
                    "last error"):
         table.add_column(column)
-    for dev in sorted(set(server.reported) | set(server.status) | set(server.desired)):
-        rep = server.reported.get(dev, {})
+    invalid = server.invalid
+    for dev in sorted(set(server.reported) | set(server.status) | set(server.desired) | set(invalid)):
+        rep = server.reported.get(dev, {})  # validated documents only (edge_runtime.schema)
         active = rep.get("active") or {}
         desired = server.desired.get(dev, {})
         wanted = (desired.get("manifest") or {}).get("sha256") if desired.get("kind") == "deploy" else None
         drift = "-" if wanted is None else ("no" if wanted == active.get("sha256") else "[red]yes[/]")
         want_text = f"v{desired['manifest']['policy_version']}" if wanted else desired.get("kind", "-")
         online = server.status.get(dev, {}).get("online")
-        table.add_row(dev, {True: "[green]yes[/]", False: "[red]no[/]"}.get(online, "?"), rep.get("state", "?"),
-                      f"v{active['policy_version']} {active['sha256'][:10]}" if active else "fixed-time",
-                      want_text, drift, rep.get("mode", "?"), str(rep.get("decisions", "?")),
-                      str(rep.get("outbox_rows", "?")), escape(rep.get("error", "") or ""))
+        state = Text("invalid", style="bold red") if dev in invalid else Text(rep.get("state", "?"))
+        model = f"v{active['policy_version']} {active['sha256'][:10]}" if active else ("fixed-time" if rep else "?")
+        # text from devices goes in as Text, never as markup
+        table.add_row(Text(dev), {True: "[green]yes[/]", False: "[red]no[/]"}.get(online, "?"), state, model,
+                      want_text, drift, Text(rep.get("mode", "?")), str(rep.get("decisions", "?")),
+                      str(rep.get("outbox_rows", "?")), Text(invalid.get(dev) or rep.get("error") or ""))
     console.print(table)
 
 
@@ -254,16 +275,19 @@ def collect(
     host: HostOption = None,
     port: PortOption = None,
 ) -> None:
-    """Receive the controllers' rollouts, write every batch exactly once and acknowledge it."""
-    from edge_runtime.fleet.collector import ROLLOUT_TOPIC, Collector
+    """Receive the controllers' rollouts, write every batch exactly once and acknowledge it. One collector per
+    fleet: refused while another one runs (any folder, any machine)."""
+    from edge_runtime.fleet.collector import CLAIM_TOPICS, REGISTRATION_TOPIC, Collector, lock_folder
 
-    server = _server(keys, broker_dir, host, port, "collect", [ROLLOUT_TOPIC])
+    lock = lock_folder(out)
+    server = _server(keys, broker_dir, host, port, "collect", [CLAIM_TOPICS], will=(REGISTRATION_TOPIC, b""))
     collector = Collector(server, out)
     stopping: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     end = time.monotonic() + seconds if seconds > 0 else float("inf")
     last_log = time.monotonic()
     try:
+        collector.register()
         while not stopping and time.monotonic() < end:
             collector.pump(0.1)
             if time.monotonic() - last_log > 5:
@@ -272,7 +296,9 @@ def collect(
     except KeyboardInterrupt:
         pass
     finally:
+        collector.release()
         server.close()
+        lock.close()
     s = collector.stats
     console.print(f"collected {s.rows} rows in {s.batches} batches into {out} "
                   f"({s.duplicates} duplicate batches dropped, {s.refused} refused)")
@@ -282,22 +308,26 @@ def collect(
 @user_errors
 def daemon(
     config: Annotated[Path, typer.Option(help="The device file (firmware_configs/devices/ID.toml).")],
-    check: Annotated[bool, typer.Option("--check", help="Validate the configuration and exit.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Validate the configuration and every file it names, and "
+                                                        "exit (code 2, each problem on a line, if any).")] = False,
 ) -> None:
     """Run the intersection controller: policy decisions through the safety shield, signed deployments,
     rollout streaming. SIGTERM/SIGINT stop it cleanly; every deploy step survives SIGKILL."""
-    from edge_runtime.device.daemon import DeviceDaemon
-    from edge_runtime.device.device_config import load_device_config
+    from edge_runtime.device.device_config import file_problems, load_device_config
 
     cfg = load_device_config(config)
     if check:
+        problems = file_problems(cfg)
+        for problem in problems:
+            err_console.print(f"{escape(str(config))}: {escape(problem)}", highlight=False, soft_wrap=True)
+        if problems:
+            raise RELEDError(f"{config}: {len(problems)} of the files it names would stop the daemon (listed above)")
         console.print(f"{config}: device {cfg.id}, intersection {cfg.device.intersection}, "
                       f"{len(cfg.signal.green_phases)} phases, broker {cfg.broker.host}:{cfg.broker.port}: ok")
         return
-    controller = DeviceDaemon(cfg)
-    signal.signal(signal.SIGTERM, lambda *_: controller.stop())
-    signal.signal(signal.SIGINT, lambda *_: controller.stop())
-    controller.run()
+    # become the lean runner (same pid, for systemd): months of running without typer, rich and pydantic
+    verbose = ["--verbose"] if logging.getLogger().level == logging.DEBUG else []
+    os.execv(sys.executable, [sys.executable, "-m", "edge_runtime.device", "--config", str(config), *verbose])
 
 
 @fleet_app.command("up")

@@ -19,12 +19,15 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; it replaces ``path`` only if the block succeeds."""
+def atomic_path(path: Path, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; it replaces ``path`` only if the block succeeds.
+
+    The temp file already has its final ``mode`` (default: the usual 0666 & ~umask) when yielded, so a
+    secret written into it (``mode=0o600``) is never readable by others, not even for a moment."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a replaced file gets the usual permissions
+    os.chmod(tmp, 0o666 & ~_UMASK if mode is None else mode)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -77,14 +80,12 @@ def write_durably(path: Path, data: bytes | memoryview) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = False, mode: int | None = None) -> None:
     """Replace ``path`` with ``data`` atomically; ``durable`` also fsyncs (state a power cut must not lose),
-    ``mode`` sets the permissions before the file appears (0o600 for secrets)."""
-    with atomic_path(path) as tmp:
+    ``mode`` sets the permissions before the first byte is written (0o600 for secrets)."""
+    with atomic_path(path, mode) as tmp:
         if durable:
             write_durably(tmp, data)
         else:
             tmp.write_bytes(data)
-        if mode is not None:
-            tmp.chmod(mode)
 
 
 def atomic_write_text(path: Path, text: str, *, durable: bool = False, mode: int | None = None) -> None:

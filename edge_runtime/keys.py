@@ -4,7 +4,8 @@ Layout (all secrets 0600)::
 
     signing.key  signing.pub          Ed25519, PEM; devices get signing.pub only
     credentials/<user>.secret         one random password per device and one for the server
-    tls/ca.crt ca.key server.crt server.key
+    tls/ca.crt ca.key                 the broker's CA (kept: devices pin ca.crt)
+    tls/server.crt server.key         its certificate (reissued from the CA when the broker's names change)
 
 ``init`` is safe to run again: existing keys are kept and only missing devices get credentials.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,38 +105,58 @@ class KeyFolder:
     def password(self, user: str) -> str:
         return read_password(self.secret_path(user))
 
-    def ensure_tls(self, hosts: list[str]) -> Path:
-        """A CA and a server certificate for ``hosts`` (created once); returns the CA certificate path."""
-        ca_crt = self.tls_dir / "ca.crt"
-        if ca_crt.exists():
-            return ca_crt
+    def ensure_tls(self, names: list[str]) -> Path:
+        """A CA (created once) and a server certificate for exactly ``names`` (DNS names or IP addresses, the
+        first one also its common name), reissued from that CA when the names change, so devices keep
+        trusting the same ``ca.crt``; returns the CA certificate's path."""
+        self.tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ca_crt, ca_key_path, server_crt = (self.tls_dir / n for n in ("ca.crt", "ca.key", "server.crt"))
+        pem = serialization.Encoding.PEM
         now = datetime.datetime.now(datetime.UTC)
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "RELED fleet CA")])
-        ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-              .serial_number(x509.random_serial_number()).not_valid_before(now)
-              .not_valid_after(now + datetime.timedelta(days=3650))
-              .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-              .sign(ca_key, hashes.SHA256()))
+        if ca_crt.exists():
+            ca = x509.load_pem_x509_certificate(ca_crt.read_bytes())
+            ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+            if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+                raise RELEDError(f"{ca_key_path} is not the EC key this CA was made with")
+        else:
+            ca_key = ec.generate_private_key(ec.SECP256R1())
+            ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "RELED fleet CA")])
+            ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+                  .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+                  .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=3650))
+                  .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                  .sign(ca_key, hashes.SHA256()))
+            write_secret(ca_key_path, ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+            atomic_write_bytes(ca_crt, ca.public_bytes(pem))
+        wanted = x509.SubjectAlternativeName([_general_name(name) for name in names])
+        if server_crt.exists() and _san(server_crt) == wanted:
+            return ca_crt
         server_key = ec.generate_private_key(ec.SECP256R1())
-        names: list[x509.GeneralName] = []
-        for host in hosts:
-            try:
-                names.append(x509.IPAddress(ipaddress.ip_address(host)))
-            except ValueError:
-                names.append(x509.DNSName(host))
         server = (x509.CertificateBuilder()
-                  .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-                  .issuer_name(ca_name).public_key(server_key.public_key())
+                  .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+                  .issuer_name(ca.subject).public_key(server_key.public_key())
                   .serial_number(x509.random_serial_number()).not_valid_before(now)
                   .not_valid_after(now + datetime.timedelta(days=825))
-                  .add_extension(x509.SubjectAlternativeName(names), critical=False)
+                  .add_extension(wanted, critical=False)
                   .sign(ca_key, hashes.SHA256()))
-        pem = serialization.Encoding.PEM
-        for name, key in (("ca.key", ca_key), ("server.key", server_key)):
-            write_secret(self.tls_dir / name, key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                                serialization.NoEncryption()))
-        atomic_write_bytes(self.tls_dir / "server.crt", server.public_bytes(pem))
-        atomic_write_bytes(ca_crt, ca.public_bytes(pem))
-        os.chmod(self.tls_dir, 0o700)
+        write_secret(self.tls_dir / "server.key", server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                                           serialization.NoEncryption()))
+        atomic_write_bytes(server_crt, server.public_bytes(pem))
         return ca_crt
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def _san(path: Path) -> x509.SubjectAlternativeName | None:
+    """The names a certificate file is valid for (None: it names none)."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes()).extensions \
+            .get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None

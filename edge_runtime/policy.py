@@ -120,7 +120,11 @@ class OnnxPolicy:
     def __init__(self, path: Path, threads: int = 1, providers: Sequence[str] = ("CPUExecutionProvider",)):
         self.path = path
         self.session = open_session(path, threads, providers)
-        self.meta = PolicyMetadata.from_props(self.session.get_modelmeta().custom_metadata_map, str(path))
+        try:
+            props = self.session.get_modelmeta().custom_metadata_map
+        except UnicodeDecodeError as exc:  # ORT hands metadata over as UTF-8 text; a hostile file need not be
+            raise RELEDError(f"{path} is not a RELED policy: its metadata is not UTF-8 text") from exc
+        self.meta = PolicyMetadata.from_props(props, str(path))
         names_in = tuple(i.name for i in self.session.get_inputs())
         names_out = tuple(o.name for o in self.session.get_outputs())
         if names_in != INPUTS or names_out != OUTPUTS:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,9 @@ JSON_LIMIT = 256 * 1024  # desired/reported/events/requests
 ROLLOUT_LIMIT = 1024 * 1024  # one compressed rollout batch
 PACKET_LIMIT = ROLLOUT_LIMIT + 4096  # what the broker accepts (Mosquitto max_packet_size)
 QOS = 1
+MAX_DEPTH = 8  # RELED messages nest 4 levels at most
+MAX_CONTAINERS = 1024  # arrays and objects per message, counted before parsing
+MAX_NODES = 20_000  # values per message (a manifest lists one hash per chunk)
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SERVER_USER = "reled-server"
 
@@ -60,15 +63,40 @@ def encode(document: dict[str, Any]) -> bytes:
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_shape(document: Any) -> None:
+    """Depth and size of a decoded document, walked without recursion."""
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    nodes = 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if depth > MAX_DEPTH or nodes > MAX_NODES:
+            raise ProtocolError(f"message nested deeper than {MAX_DEPTH} levels or with over {MAX_NODES} values")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+
+
 def decode_json(payload: bytes, limit: int = JSON_LIMIT) -> dict[str, Any]:
+    """A JSON object from an untrusted peer, or ProtocolError: never RecursionError, MemoryError or a stray
+    ValueError. Bounded before parsing (size, number of containers, which bounds the parser's recursion),
+    refused after it when nested deeper than any RELED message is; NaN and Infinity are refused."""
     if len(payload) > limit:
         raise ProtocolError(f"message of {len(payload)} bytes exceeds the {limit}-byte limit")
+    if payload.count(b"[") + payload.count(b"{") > MAX_CONTAINERS:
+        raise ProtocolError(f"message with over {MAX_CONTAINERS} arrays and objects")
     try:
-        document = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"malformed JSON: {exc}") from exc
+        document = json.loads(payload, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also over-long integers
+        raise ProtocolError(f"malformed JSON: {str(exc)[:200]}") from exc
     if not isinstance(document, dict):
         raise ProtocolError("malformed message: expected a JSON object")
+    _check_shape(document)
     return document
 
 
@@ -114,15 +142,20 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Any) -> Manifest:
+        """A manifest from a signed document, every field type- and range-checked (it names files and sizes)."""
         if not isinstance(data, dict):
             raise ProtocolError("deploy document without a manifest object")
         try:
-            manifest = cls(sha256=str(data["sha256"]), size=int(data["size"]), chunk_size=int(data["chunk_size"]),
-                           chunks=tuple(str(c) for c in data["chunks"]),
-                           schema_version=int(data["schema_version"]), intersection=str(data["intersection"]),
-                           phase_table=tuple(str(p) for p in data["phase_table"]),
-                           policy_version=int(data["policy_version"]), precision=str(data["precision"]),
-                           expires=float(data["expires"]))
+            chunks, phases = data["chunks"], data["phase_table"]
+            if not isinstance(chunks, list) or not isinstance(phases, list):
+                raise TypeError("chunks and phase_table must be lists")
+            manifest = cls(sha256=_hex_digest(data["sha256"]), size=_integer(data["size"], 2**40),
+                           chunk_size=_integer(data["chunk_size"], 2**31),
+                           chunks=tuple(_hex_digest(c) for c in chunks),
+                           schema_version=_integer(data["schema_version"], 2**31),
+                           intersection=_text(data["intersection"]), phase_table=tuple(_text(p) for p in phases),
+                           policy_version=_integer(data["policy_version"], 2**63 - 1),
+                           precision=_text(data["precision"]), expires=_number(data["expires"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"manifest lacks or garbles {exc}") from exc
         if not 0 < manifest.chunk_size <= CHUNK_LIMIT:
@@ -131,6 +164,30 @@ class Manifest:
             raise ProtocolError(f"manifest lists {len(manifest.chunks)} chunks for {manifest.size} bytes")
         return manifest
 
-    @property
-    def expired(self) -> bool:
-        return time.time() > self.expires
+
+HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _hex_digest(value: Any) -> str:
+    """A SHA-256 in hex (it becomes a file name and a topic level: nothing else may pass)."""
+    if not isinstance(value, str) or not HEX_DIGEST.match(value):
+        raise ValueError(f"{str(value)[:80]!r} is not a SHA-256 hex digest")
+    return value
+
+
+def _integer(value: Any, maximum: int) -> int:
+    if type(value) is not int or not 0 <= value <= maximum:
+        raise ValueError(f"{str(value)[:80]!r} is not an integer in 0..{maximum}")
+    return value
+
+
+def _number(value: Any) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise ValueError(f"{str(value)[:80]!r} is not a finite number")
+    return float(value)
+
+
+def _text(value: Any, limit: int = 256) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        raise ValueError(f"{str(value)[:80]!r} is not a string of at most {limit} characters")
+    return value

@@ -65,14 +65,17 @@ class SafetyShield:
     """
 
     def __init__(self, n_phases: int, timing: SignalTiming | None = None, initial_phase: int = 0,
-                 now: float = 0.0) -> None:
+                 now: float = 0.0, clear_first: bool = False) -> None:
+        """``clear_first``: what the heads show is unknown (a controller starting or restarting), so begin with a
+        full clearance, yellow then all-red on every movement, before ``initial_phase`` turns green."""
         if n_phases < 2:
             raise ValueError(f"a shield needs at least 2 green phases to choose from, got {n_phases}")
         if not 0 <= initial_phase < n_phases:
             raise ValueError(f"initial phase {initial_phase} outside 0..{n_phases - 1}")
         self.n_phases = n_phases
         self.timing = timing or SignalTiming()
-        self.state = SignalState(Stage.GREEN, initial_phase, initial_phase, now)
+        self.state = SignalState(Stage.YELLOW if clear_first else Stage.GREEN, initial_phase, initial_phase, now)
+        self.clearing = clear_first
         self._request: int | None = None
         self._request_time = now
         self.rejected_proposals = 0
@@ -110,6 +113,7 @@ class SafetyShield:
         entered: list[SignalState] = []
         while (t_next := self.next_event()) <= now and not math.isinf(t_next):
             self.state = self._successor(t_next)
+            self.clearing = self.clearing and self.state.stage is not Stage.GREEN
             entered.append(self.state)
         return entered
 
@@ -124,6 +128,17 @@ class SafetyShield:
         if s.stage is Stage.YELLOW and self.timing.all_red > 0:
             return SignalState(Stage.ALL_RED, s.phase, s.target, at)
         return SignalState(Stage.GREEN, s.target, s.target, at)
+
+
+def clearance_state(greens: tuple[str, ...], stage: Stage) -> str:
+    """SUMO link states of a start-up clearance: every movement that any phase makes green shows yellow, then red."""
+    out = []
+    for links in zip(*greens, strict=True):
+        if any(c in GREEN_CHARS for c in links):
+            out.append("y" if stage is Stage.YELLOW else "r")
+        else:
+            out.append(links[0] if links[0] in "sOo" else "r")
+    return "".join(out)
 
 
 def transition_state(greens: tuple[str, ...], stage: Stage, phase: int, target: int) -> str:

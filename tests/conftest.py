@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -320,3 +321,30 @@ def write_queue_policy(path: Path, *, version: int, tables: dict[str, list[str]]
 def queue_policy() -> Callable[..., Path]:
     """:func:`write_queue_policy`: small hand-built policies for the deploy tests (no training needed)."""
     return write_queue_policy
+
+
+# what the fuzz tests build hostile messages from: the protocol's field names, markup, control characters, long text
+FUZZ_NAMES = ["device", "state", "active", "job", "sha256", "policy_version", "decisions", "error", "online", "kind",
+              "detail", "chunks", "epoch", "seq", "rows", "columns", "format", "manifest", "size", "chunk_size",
+              "issued", "expires", "doc", "sig", "phase_table", "intersection"]
+FUZZ_STRINGS = ["", "dev2", "[/bold]", "[link=file:///etc/passwd]x[/link]", "\x1b[2J", "a" * 5000, "COMMITTED",
+                "é" * 10]
+
+
+def random_value(rng: random.Random, depth: int, wide: bool) -> Any:
+    """JSON-able (``wide``: also integers beyond 64 bits) values of random depth and size."""
+    pick = rng.randrange(9 if depth > 0 else 6)
+    if pick == 0:
+        big = [10 ** rng.randrange(400), -(10**19)] if wide else []
+        return rng.choice([0, -1, 1, 2**63 - 1, 2**63, -(2**63), *big])
+    if pick == 1:
+        return rng.choice([0.5, -0.0, 1e308, -1e-300, 3.0])
+    if pick == 2:
+        return rng.choice(FUZZ_STRINGS)
+    if pick in (3, 4):
+        return rng.choice([True, False, None])
+    if pick == 5:
+        return "0123456789abcdef"[rng.randrange(16)] * 64
+    if pick in (6, 7):
+        return {rng.choice(FUZZ_NAMES): random_value(rng, depth - 1, wide) for _ in range(rng.randrange(6))}
+    return [random_value(rng, depth - 1, wide) for _ in range(rng.randrange(6))]

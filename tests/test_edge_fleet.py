@@ -87,7 +87,7 @@ def test_a_tampered_chunk_is_refused(edge_fleet):
     v2 = fleet.models[2]
     tampered = bytearray(v2.data)
     tampered[len(tampered) // 2] ^= 0xFF
-    fleet.link.serve(dataclasses.replace(v2, data=bytes(tampered)), 1024)  # sha256 still names the real model
+    fleet.link.serve(dataclasses.replace(v2, data=bytes(tampered)), 1024, ["dev0"])  # sha256: the real model
     fleet.link.events.pop("dev0", None)
     fleet.link.command("dev0", {"kind": "deploy", "manifest": v2.manifest(fleet.lights[0], 1024, 3600).to_dict()})
     fleet.wait_event("dev0", "failed its hash check")
@@ -142,7 +142,7 @@ def test_a_daemon_killed_mid_download_resumes_and_commits(edge_fleet):
 
 
 def test_devices_cannot_touch_each_others_topics(edge_fleet):
-    fleet = edge_fleet("dev0", "dev1")
+    fleet = edge_fleet("dev1")  # the spy is dev0: a device user has one session (its user name is its client id)
     password = (fleet.local.keys / "credentials" / "dev0.secret").read_text().strip()
     address = BrokerAddress("127.0.0.1", fleet.local.port, "dev0", password)
     spy = Link(address, "spy-dev0", ["reled/v1/dev/dev1/#", "reled/v1/dev/+/rollouts", "reled/v1/dev/+/reported"])
@@ -163,6 +163,7 @@ def test_devices_cannot_touch_each_others_topics(edge_fleet):
         spy.publish(device_topic("dev1", "hil/act"), b"forged").wait_for_publish(5)
         spy.publish("reled/v1/models/" + "0" * 64 + "/chunk/0", b"forged").wait_for_publish(5)
         spy.publish(device_topic("dev0", "hil/act"), b"own").wait_for_publish(5)
+        spy.publish(device_topic("dev0", "reported"), b'{"device": "dev0"}').wait_for_publish(5)
         # a device may publish in its own subtree: the server hears it after everything dev0 published before
         wait_for(lambda: device_topic("dev0", "hil/act") in topics(), 30, "dev0's own message", poll=listen)
         seen: list[str] = []
@@ -171,7 +172,7 @@ def test_devices_cannot_touch_each_others_topics(edge_fleet):
             while not spy.inbox.empty():
                 seen.append(spy.inbox.get().topic)
             return bool(seen)
-        fleet.wait(spy_heard, 30, "the spy's own retained report")
+        fleet.wait(spy_heard, 30, "the spy's own report")
         end = time.monotonic() + 2.5  # dev1 reports every second and streams rollouts meanwhile
         while time.monotonic() < end:
             listen()

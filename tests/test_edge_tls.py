@@ -19,8 +19,8 @@ def test_daemon_and_status_over_tls(local_fleet, tmp_path):
     fleet.init_keys()
     fleet.start_broker(tls_port=tls_port)
     fleet.start_daemon("tls0")
-    observer = fleet.observer()  # broker.json names the TLS port and CA: the server uses TLS too
-    assert observer.link.address.port == tls_port and observer.link.address.ca_file
+    observer = fleet.observer()  # broker.json names the server listener and the CA: with a TLS port it is TLS too
+    assert observer.link.address.port == fleet.server_port and observer.link.address.ca_file
     wait_for(lambda: observer.reported.get("tls0", {}).get("decisions", 0) > 0, 30,
              "the TLS daemon's report", poll=lambda: observer.pump(0.05))
     assert observer.reported["tls0"]["mode"] == "fallback"  # no policy yet: the fixed-time plan

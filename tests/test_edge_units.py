@@ -195,3 +195,45 @@ def test_edge_runtime_never_imports_torch_or_sumo():
             "bad = [m for m in ('torch', 'traci', 'libsumo', 'sumolib', 'trainer') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_hostile_json_is_refused_without_recursion_or_stray_errors():
+    for payload, needle in ((b"[" * 100_000 + b"]" * 100_000, "arrays and objects"),
+                            (b'{"a":' + b"[" * 20 + b"]" * 20 + b"}", "nested deeper"),
+                            (b'{"seq":' + b"9" * 5000 + b"}", "malformed JSON"),
+                            (b'{"ts": NaN}', "malformed JSON"), (b"\xff\xfe{}", "malformed JSON"),
+                            (b"[1, 2]", "expected a JSON object")):
+        with pytest.raises(ProtocolError, match=needle):
+            decode_json(payload)
+    assert decode_json(b'{"a": [[1, {"b": 2}]]}') == {"a": [[1, {"b": 2}]]}
+
+
+def test_manifest_fields_that_name_files_must_be_hashes():
+    good = Manifest("a" * 64, 10, 1024, ("b" * 64,), 1, "X", ("Gr", "rG"), 2, "fp32", 1e12).to_dict()
+    for field, value in (("sha256", "../../etc/passwd"), ("chunks", ["B" * 64]), ("size", -1), ("size", True),
+                         ("policy_version", "3"), ("expires", float("inf")), ("phase_table", "Gr")):
+        with pytest.raises(ProtocolError, match="manifest"):
+            Manifest.from_dict(dict(good, **{field: value}))
+
+
+def test_a_policy_whose_metadata_is_not_utf8_is_refused(tmp_path, queue_policy):
+    from edge_runtime.policy import OnnxPolicy
+
+    path = queue_policy(tmp_path / "p.onnx", version=1, tables={"X": ["Gr", "rG"]}, scenario="Z" * 8,
+                        test_queue=np.ones((2, MAX_PHASES), np.float32), n_phases=2)
+    path.write_bytes(path.read_bytes().replace(b"Z" * 8, b"\xff" * 8))
+    with pytest.raises(RELEDError, match="not UTF-8"):
+        OnnxPolicy(path)
+
+
+def test_the_startup_clearance_shows_yellow_then_red_on_every_movement_before_the_first_green():
+    from edge_runtime.shield import SafetyShield, Stage, clearance_state
+
+    greens = ("GGrrs", "rrGgs")
+    shield = SafetyShield(2, clear_first=True)
+    assert shield.clearing and shield.state.stage is Stage.YELLOW
+    assert clearance_state(greens, Stage.YELLOW) == "yyyys" and clearance_state(greens, Stage.ALL_RED) == "rrrrs"
+    assert shield.propose(1, 0.0) == []  # a proposal cannot cut the clearance short
+    entered = shield.advance(10.0)
+    assert [(s.stage, s.phase, s.since) for s in entered] == [(Stage.ALL_RED, 0, 3.0), (Stage.GREEN, 0, 5.0)]
+    assert not shield.clearing

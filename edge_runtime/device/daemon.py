@@ -2,8 +2,12 @@
 
 One thread owns all state (paho's network thread only queues messages), so nothing needs a lock. The
 signal never waits for the network: with no policy, a failing one or a slow one, the fixed-time plan
-drives the shield. Deployments (commands, download, verification, swap, probation, rollback) are the
-:class:`~edge_runtime.device.deployment.Deployment`'s; this loop hands it messages and decisions.
+drives the shield. Driving the signal comes before recording it: a hostile message, a full disk or a
+failing step of the deployment is a counted :class:`Faults` entry (reported, and an event the first
+time), never the end of the loop. At start the heads are cleared (yellow, all-red) before the first
+green, since what they showed before is unknown. Deployments (commands, download, verification, swap,
+probation, rollback) are the :class:`~edge_runtime.device.deployment.Deployment`'s; this loop hands it
+messages and decisions.
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ import logging
 import os
 import queue
 import socket
+import sqlite3
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from edge_runtime.device.adapters import make_actuator, make_sensor
 from edge_runtime.device.deployment import Deployment
@@ -25,12 +33,48 @@ from edge_runtime.keys import read_password
 from edge_runtime.mqtt import BrokerAddress, Link, Message
 from edge_runtime.protocol import ProtocolError, decode_json, device_topic, encode
 from edge_runtime.rollouts import SOURCE_FALLBACK, SOURCE_POLICY
-from edge_runtime.shield import SafetyShield, SignalState, Stage, transition_state
+from edge_runtime.shield import SafetyShield, SignalState, Stage, clearance_state, transition_state
 
 log = logging.getLogger(__name__)
 
 REPORT_EVERY = 1.0  # seconds between progress reports while the state does not change
+REOPEN_EVERY = 5.0  # seconds between attempts to open an outbox that could not be opened (a full disk)
 QUEUE_COLUMN = PER_PHASE_FEATURES.index("queue")  # of a sensor reading: the reward is minus the queued vehicles
+T = TypeVar("T")
+
+
+def describe(exc: BaseException) -> str:
+    """An exception in one line (what a fault's event and log say)."""
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Faults:
+    """Problems the controller rides out: counted by kind (the report's ``faults``), logged and sent as an event
+    when a kind starts failing and when it works again (after ``quiet`` seconds without a fault, so a step that
+    fails every other time does not flood the log), not on every repetition."""
+
+    def __init__(self, publish: Callable[[str, str], None], quiet: float = 10.0):
+        self.counts: Counter[str] = Counter()
+        self.last: dict[str, float] = {}  # kind -> when it last failed, while it counts as failing
+        self.publish = publish
+        self.quiet = quiet
+
+    def fault(self, kind: str, detail: str) -> None:
+        self.counts[kind] += 1
+        failing = kind in self.last
+        self.last[kind] = time.monotonic()
+        if not failing:
+            log.warning("fault %s: %s (the signal goes on)", kind, detail)
+            with contextlib.suppress(Exception):
+                self.publish("fault", f"{kind}: {detail}")
+
+    def recovered(self, kind: str) -> None:
+        if kind in self.last and time.monotonic() - self.last[kind] >= self.quiet:
+            del self.last[kind]
+            log.info("fault %s cleared after %d occurrences", kind, self.counts[kind])
+            with contextlib.suppress(Exception):
+                self.publish("recovered", f"{kind} works again after {self.counts[kind]} faults")
 
 
 def sd_notify(message: str) -> None:
@@ -51,6 +95,10 @@ class Clock:
         self.speed = speed
         self.start = time.monotonic()
 
+    def restart(self) -> None:
+        """Signal time 0 is now (the daemon's start; set up before it is not signal time)."""
+        self.start = time.monotonic()
+
     def now(self) -> float:
         return (time.monotonic() - self.start) * self.speed
 
@@ -67,12 +115,13 @@ class DeviceDaemon:
         root = config.device.state_dir
         self.greens = tuple(config.signal.green_phases)
         self.mask = action_mask(len(self.greens))
-        self.shield = SafetyShield(len(self.greens), config.signal.timing)
+        self.shield = SafetyShield(len(self.greens), config.signal.timing, clear_first=True)
         self.sensor = make_sensor(config.sensor.adapter, config.sensor.file, len(self.greens))
         self.actuator = make_actuator(config.actuator.adapter, config.actuator.file)
-        r = config.rollouts
-        self.outbox = Outbox(root / "outbox.sqlite", self.id, r.batch_rows, r.flush_seconds, r.resend_seconds,
-                             r.max_rows)
+        self.outbox_path = root / "outbox.sqlite"
+        self.outbox: Outbox | None = None
+        self.outbox_tried = -REOPEN_EVERY
+        self.decisions = 0  # decisions made by this process (recorded or not)
         self.clock = Clock(config.runtime.speed)
         self.reconnected = threading.Event()
         self.stop_event = threading.Event()
@@ -87,11 +136,34 @@ class DeviceDaemon:
                          will=(device_topic(self.id, "status"), encode({"online": False, "device": self.id})),
                          on_connect=self.reconnected.set)
         self.deployment = Deployment(config, self.link, on_change=lambda: self.report(force=True))
+        self.faults = Faults(self.deployment.event)
+
+    def guarded(self, kind: str, step: Callable[..., T], *args: Any) -> T | None:
+        """Run one step that must not stop the signal; a failure is a counted fault."""
+        try:
+            result = step(*args)
+        except Exception as exc:
+            self.faults.fault(kind, describe(exc))
+            return None
+        self.faults.recovered(kind)
+        return result
+
+    def open_outbox(self) -> Outbox | None:
+        """The rollout outbox, opened now if it is not yet (it cannot be on a full disk: retried every few s)."""
+        if self.outbox is None and time.monotonic() - self.outbox_tried >= REOPEN_EVERY:
+            self.outbox_tried = time.monotonic()
+            r = self.config.rollouts
+            self.outbox = self.guarded("outbox_open", Outbox, self.outbox_path, self.id, r.batch_rows, r.flush_seconds,
+                                       r.resend_seconds, r.max_rows)
+        return self.outbox
 
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self) -> None:
-        """Recover, connect in the background and drive the signal until :meth:`stop`."""
-        self.deployment.recover()
+        """Clear the heads, recover, connect in the background and drive the signal until :meth:`stop`."""
+        self.clock.restart()
+        self.show(self.shield.state)
+        self.guarded("state", self.deployment.recover)
+        self.open_outbox()
         self.link.connect()
         sd_notify("READY=1")
         next_decision = self.clock.now()
@@ -100,7 +172,7 @@ class DeviceDaemon:
             while not self.stop_event.is_set():
                 self.drain(self.clock.wall_until(next_decision))
                 if self.reconnected.is_set():
-                    self.on_reconnect()
+                    self.guarded("report", self.on_reconnect)
                 now = self.clock.now()
                 for state in self.shield.advance(now):
                     self.show(state)
@@ -108,10 +180,10 @@ class DeviceDaemon:
                     next_decision += self.config.runtime.decision_seconds
                     if not self.limit_reached():
                         self.decide(now)
-                self.deployment.download_step()
+                self.guarded("deployment", self.deployment.download_step)
                 self.rollouts_step()
                 if time.monotonic() - self.last_report >= REPORT_EVERY:
-                    self.report()
+                    self.guarded("report", self.report)
                 if time.monotonic() - last_watchdog >= 1.0:
                     sd_notify("WATCHDOG=1")
                     last_watchdog = time.monotonic()
@@ -126,12 +198,15 @@ class DeviceDaemon:
             self.link.publish(device_topic(self.id, "status"), encode({"online": False, "device": self.id}),
                               retain=True).wait_for_publish(1.0)
         self.link.close()
-        self.outbox.close()
-        self.actuator.close()
+        if self.outbox is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self.outbox.close()
+        with contextlib.suppress(OSError):
+            self.actuator.close()
 
     def limit_reached(self) -> bool:
         limit = self.config.runtime.max_decisions
-        return bool(limit) and self.outbox.recorded() >= limit
+        return bool(limit) and self.outbox is not None and self.outbox.recorded() >= limit
 
     def drain(self, wait: float) -> None:
         """Handle every queued message; block up to ``wait`` seconds for the first one."""
@@ -140,7 +215,13 @@ class DeviceDaemon:
         except queue.Empty:
             return
         while True:
-            self.handle(message)
+            try:
+                self.handle(message)
+            except ProtocolError as exc:
+                self.faults.fault("bad_message", f"{message.topic}: {exc}")
+            except Exception as exc:  # a message must never stop the signal, whatever it does to the code
+                log.exception("handling a message on %s", message.topic)
+                self.faults.fault("message_error", f"{message.topic}: {describe(exc)}")
             try:
                 message = self.link.inbox.get_nowait()
             except queue.Empty:
@@ -151,9 +232,12 @@ class DeviceDaemon:
         if topic == device_topic(self.id, "desired"):
             self.deployment.on_desired(message.payload)
         elif topic == device_topic(self.id, "rollouts/ack"):
-            with contextlib.suppress(ProtocolError, KeyError, TypeError, ValueError):
-                ack = decode_json(message.payload)
-                self.outbox.ack(int(ack["epoch"]), int(ack["seq"]))
+            ack = decode_json(message.payload)
+            epoch, seq = ack.get("epoch"), ack.get("seq")
+            if type(epoch) is not int or type(seq) is not int:
+                raise ProtocolError("an acknowledgement needs integer epoch and seq")
+            if self.outbox is not None:
+                self.outbox.ack(epoch, seq)
         elif topic.startswith("reled/v1/models/"):
             self.deployment.on_chunk(topic, message.payload)
 
@@ -163,7 +247,8 @@ class DeviceDaemon:
                           encode({"online": True, "device": self.id, "pid": os.getpid(), "ts": time.time()}),
                           retain=True)
         self.deployment.on_reconnect()
-        self.outbox.resend_all()
+        if self.outbox is not None:
+            self.guarded("outbox_send", self.outbox.resend_all)
         self.report(force=True)
 
     def report(self, force: bool = False) -> None:
@@ -172,14 +257,17 @@ class DeviceDaemon:
             return
         self.last_report = time.monotonic()
         body = {"device": self.id, "intersection": self.config.device.intersection, **self.deployment.report(),
-                "mode": "policy" if self.last_source == SOURCE_POLICY else "fallback",
-                "decisions": self.outbox.recorded(), "outbox_rows": self.outbox.pending_rows(), "ts": time.time()}
+                "mode": "policy" if self.last_source == SOURCE_POLICY else "fallback", "decided": self.decisions,
+                "faults": dict(self.faults.counts), "ts": time.time()}
+        if self.outbox is not None:  # not while it cannot be opened (a full disk)
+            body.update(decisions=self.outbox.recorded(), outbox_rows=self.outbox.pending_rows())
         self.link.publish(device_topic(self.id, "reported"), encode(body), retain=True)
 
     # -- the decision loop -----------------------------------------------------------------------
     def show(self, state: SignalState) -> None:
-        self.actuator.show(self.clock.now(), state, transition_state(self.greens, state.stage, state.phase,
-                                                                     state.target))
+        links = clearance_state(self.greens, state.stage) if self.shield.clearing else \
+            transition_state(self.greens, state.stage, state.phase, state.target)
+        self.guarded("actuator", self.actuator.show, self.clock.now(), state, links)
 
     def fixed_time_choice(self, now: float) -> int:
         s = self.shield.state
@@ -189,10 +277,16 @@ class DeviceDaemon:
 
     def decide(self, now: float) -> None:
         deployment = self.deployment
+        self.decisions += 1
         if self.shield.state.stage is Stage.GREEN:
-            deployment.swap_if_staged()  # never mid-yellow or all-red
-        reading = self.sensor.read()
+            self.guarded("deployment", deployment.swap_if_staged)  # never mid-yellow or all-red
+        reading = self.guarded("sensor", self.sensor.read)
         shield = self.shield
+        if reading is None:  # no detectors: the fixed-time plan, nothing to record
+            for state in shield.propose(self.fixed_time_choice(now), now):
+                self.show(state)
+            self.last_source = SOURCE_FALLBACK
+            return
         obs = build_observation(reading, shield.state.green_phase, shield.green_elapsed(now),
                                 shield.min_green_met(now))
         action, log_prob, source = self.fixed_time_choice(now), 0.0, SOURCE_FALLBACK
@@ -212,20 +306,28 @@ class DeviceDaemon:
                 self.policy_failures += 1
                 if self.policy_failures == 1:
                     deployment.event("fallback", f"policy unhealthy ({problem}): fixed-time plan for this decision")
-            deployment.probation_step(healthy, problem)
+            self.guarded("deployment", deployment.probation_step, healthy, problem)
         for state in shield.propose(action, now):
             self.show(state)
         self.last_source = source
         active = deployment.state.active
         version = active.policy_version if active and source == SOURCE_POLICY else 0
-        self.outbox.add(now, obs, self.mask, action, log_prob, shield.state.green_phase != action,
-                        -float(reading[:, QUEUE_COLUMN].sum()), source, version)
+        outbox = self.open_outbox()
+        if outbox is None:
+            self.faults.fault("outbox_write", "no outbox (it could not be opened): decision not recorded")
+            return
+        self.guarded("outbox_write", outbox.add, now, obs, self.mask, action, log_prob,
+                     shield.state.green_phase != action, -float(reading[:, QUEUE_COLUMN].sum()), source, version)
 
     def rollouts_step(self) -> None:
-        self.outbox.seal()
-        self.outbox.enforce_cap()
+        if self.outbox is not None:
+            self.guarded("outbox_send", self.send_rollouts, self.outbox)
+
+    def send_rollouts(self, outbox: Outbox) -> None:
+        outbox.seal()
+        outbox.enforce_cap()
         if not self.link.connected.is_set():
             return
-        for seq, payload in self.outbox.due():
+        for seq, payload in outbox.due():
             self.link.publish(device_topic(self.id, "rollouts"), payload)
             log.debug("sent rollout batch %d", seq)

@@ -37,6 +37,8 @@ _S = DeployState
 # - COMMITTED from those states too: a deploy of the model already running is a no-op that confirms it.
 # - ROLLED_BACK from those states: a signed rollback command, and (from PROBATION) a failed probation
 #   or a restart during probation.
+# - PROBATION always ends in a judgement: a deploy arriving meanwhile waits for it (the same model sent
+#   again changes nothing), so PROBATION leads only to COMMITTED or ROLLED_BACK.
 # - VERIFIED and STAGED are checked again after a restart, so STAGED → STAGED; with no job in the file
 #   (never written by this code) they fall back to IDLE.
 # VERIFIED handles no commands: it is entered and left within one step (a restart resumes from it).
@@ -45,7 +47,7 @@ TRANSITIONS: dict[DeployState, frozenset[DeployState]] = {
     _S.DOWNLOADING: frozenset({_S.DOWNLOADING, _S.VERIFIED, _S.FAILED, _S.COMMITTED, _S.ROLLED_BACK}),
     _S.VERIFIED: frozenset({_S.STAGED, _S.FAILED, _S.IDLE}),
     _S.STAGED: frozenset({_S.STAGED, _S.PROBATION, _S.FAILED, _S.IDLE, _S.DOWNLOADING, _S.COMMITTED, _S.ROLLED_BACK}),
-    _S.PROBATION: frozenset({_S.COMMITTED, _S.ROLLED_BACK, _S.DOWNLOADING}),
+    _S.PROBATION: frozenset({_S.COMMITTED, _S.ROLLED_BACK}),
     _S.COMMITTED: frozenset({_S.DOWNLOADING, _S.COMMITTED, _S.ROLLED_BACK}),
     _S.FAILED: frozenset({_S.DOWNLOADING, _S.COMMITTED, _S.ROLLED_BACK}),
     _S.ROLLED_BACK: frozenset({_S.DOWNLOADING, _S.COMMITTED, _S.ROLLED_BACK}),
@@ -90,8 +92,9 @@ class ControllerState:
     state: DeployState = DeployState.IDLE
     active: ModelRef | None = None
     previous: list[ModelRef] = field(default_factory=list)  # newest first
-    high_water: int = 0  # highest policy version ever verified (anti-rollback)
+    high_water: int = 0  # highest policy version ever committed (anti-rollback)
     desired_seq: int = 0  # last signed command handled
+    newest_issued: float = 0.0  # issue time of the newest command handled: the clock is at least this
     job: Job | None = None
     error: str = ""  # why the last command was refused or the last deployment failed
     error_seq: int = 0  # the command that error belongs to

@@ -36,6 +36,23 @@ log = logging.getLogger(__name__)
 SELFTEST_RUNS = 50  # timed decisions in the staging latency check
 
 
+def command_fields(doc: dict[str, Any]) -> tuple[int, str, float]:
+    """(seq, device, issued) of a verified command, type- and range-checked."""
+    seq, device, issued = doc.get("seq"), doc.get("device"), doc.get("issued", 0.0)
+    if type(seq) is not int or not 0 < seq < 2**63:
+        raise ProtocolError("malformed document: seq must be a positive 64-bit integer")
+    if not isinstance(device, str) or len(device) > 64:
+        raise ProtocolError("malformed document: device must be a device id")
+    if type(issued) not in (int, float) or not 0 <= issued < 2**40:
+        raise ProtocolError("malformed document: issued must be a unix time")
+    return seq, device, float(issued)
+
+
+def same_model(a: Manifest, b: Manifest) -> bool:
+    """The same file cut into the same chunks: a download of one continues as a download of the other."""
+    return (a.sha256, a.size, a.chunk_size, a.chunks) == (b.sha256, b.size, b.chunk_size, b.chunks)
+
+
 class DeployLink(Protocol):
     """What a deployment needs from the MQTT connection (:class:`edge_runtime.mqtt.Link` is one)."""
 
@@ -69,6 +86,7 @@ class Deployment:
         self.candidate: OnnxPolicy | None = None  # the staged model's session, waiting for a phase-safe swap
         self.requested: dict[int, float] = {}
         self.next_request_at = 0.0
+        self.deferred: bytes | None = None  # a newer command that arrived during probation, handled after it
 
     # -- persistence and reporting ---------------------------------------------------------------
     def save(self) -> None:
@@ -87,10 +105,13 @@ class Deployment:
         job = None
         if s.job is not None:
             job = {"sha256": s.job.manifest["sha256"], "policy_version": s.job.manifest["policy_version"],
-                   "seq": s.job.seq, "chunks_have": sum(s.job.have), "chunks_total": len(s.job.have)}
+                   "seq": s.job.seq, "chunks_have": sum(s.job.have), "chunks_total": len(s.job.have),
+                   "probation_decisions": s.job.probation_decisions,
+                   "probation_needed": self.config.probation.decisions}
         return {"state": str(s.state), "active": asdict(s.active) if s.active else None,
                 "previous": [asdict(p) for p in s.previous], "high_water": s.high_water,
-                "desired_seq": s.desired_seq, "error": s.error, "error_seq": s.error_seq, "job": job}
+                "desired_seq": s.desired_seq, "newest_issued": s.newest_issued, "error": s.error,
+                "error_seq": s.error_seq, "job": job}
 
     def event(self, kind: str, detail: str) -> None:
         log.log(logging.WARNING if kind in ("refused", "failed", "rolled_back") else logging.INFO, "%s: %s", kind,
@@ -107,8 +128,12 @@ class Deployment:
         return self.downloads_dir / f"{sha256}.part"
 
     def load_policy(self, ref: ModelRef) -> OnnxPolicy:
+        """A model already accepted, checked against its SHA-256 again: the file may have changed on disk since."""
+        path = self.model_path(ref.sha256)
+        if not path.is_file() or sha256_file(path) != ref.sha256:
+            raise RELEDError(f"{path.name} is missing or no longer matches its SHA-256")
         inference = self.config.inference
-        return OnnxPolicy(self.model_path(ref.sha256), inference.threads, inference.providers)
+        return OnnxPolicy(path, inference.threads, inference.providers)
 
     def recover(self) -> None:
         """Pick up where the last run stopped (the state was saved before each step)."""
@@ -145,13 +170,9 @@ class Deployment:
             return  # the retained command was cleared
         try:
             doc = verify(payload, self.public_key)
-            seq = int(doc["seq"])
-            device = doc["device"]
+            seq, device, issued = command_fields(doc)
         except ProtocolError as exc:
             self.refuse(self.state.desired_seq, f"command refused: {exc}")
-            return
-        except (KeyError, TypeError, ValueError) as exc:
-            self.refuse(self.state.desired_seq, f"command refused: malformed document ({exc})")
             return
         if device != self.id:
             self.refuse(self.state.desired_seq, f"command for device {device!r} refused (this is {self.id!r})")
@@ -161,8 +182,18 @@ class Deployment:
         if seq < self.state.desired_seq:
             self.refuse(self.state.desired_seq, f"replayed command refused (seq {seq} < {self.state.desired_seq})")
             return
-        self.state.desired_seq = seq
         kind = doc.get("kind")
+        if self.state.state is DeployState.PROBATION and kind == "deploy":
+            if self.is_active(doc.get("manifest")):
+                self.state.desired_seq = seq  # the model on probation, sent again: probation goes on
+                self.save()
+                return
+            if self.deferred is None:
+                self.event("deferred", "a newer deploy waits until the model on probation is judged")
+            self.deferred = payload
+            return
+        self.state.desired_seq = seq
+        self.state.newest_issued = max(self.state.newest_issued, issued)
         if kind == "deploy":
             self.on_deploy(doc.get("manifest"), seq)
         elif kind == "rollback":
@@ -180,11 +211,20 @@ class Deployment:
         if problem:
             self.refuse(seq, f"manifest refused: {problem}")
             return
-        active = self.state.active
-        if active is not None and (manifest.sha256, manifest.policy_version) == (active.sha256,
-                                                                                 active.policy_version):
+        if self.is_active(manifest.to_dict()):
+            self.abandon_job()
             self.state.error = ""
-            self.enter(DeployState.COMMITTED)  # already running it: a repeated deploy is a no-op
+            self.enter(DeployState.COMMITTED)  # already running it (and past probation): a repeated deploy confirms it
+            return
+        job = self.state.job
+        if self.state.state is DeployState.DOWNLOADING and job is not None and same_model(job.parsed, manifest):
+            job.manifest, job.seq = manifest.to_dict(), seq  # the same deploy run again: resume the download
+            self.state.error = ""
+            self.requested.clear()
+            self.save()
+            self.on_change()
+            self.event("downloading", f"policy v{manifest.policy_version}: resuming with {sum(job.have)}/"
+                                      f"{len(job.have)} chunks")
             return
         if manifest.policy_version <= self.state.high_water:
             self.refuse(seq, f"manifest refused: policy version {manifest.policy_version} is not newer than "
@@ -199,9 +239,16 @@ class Deployment:
                                   f"{len(manifest.chunks)} chunks)")
         self.link.subscribe(chunk_topic(manifest.sha256, "+"))
 
+    def is_active(self, raw_manifest: Any) -> bool:
+        """Whether a manifest names the model that is driving the signal now."""
+        active = self.state.active
+        return active is not None and isinstance(raw_manifest, dict) and \
+            (raw_manifest.get("sha256"), raw_manifest.get("policy_version")) == (active.sha256, active.policy_version)
+
     def manifest_problem(self, m: Manifest) -> str | None:
         config = self.config
-        if m.expired:
+        # a clock far behind cannot revive an expired manifest: time is at least what the server last vouched for
+        if m.expires < max(time.time(), self.state.newest_issued):
             return f"expired at {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(m.expires))} UTC"
         if m.intersection != config.device.intersection:
             return f"it is for intersection {m.intersection!r}; this controller runs {config.device.intersection!r}"
@@ -303,7 +350,6 @@ class Deployment:
                 self.fail("the assembled model does not match the manifest's size and SHA-256")
                 return
             os.replace(part, final)
-            self.state.high_water = max(self.state.high_water, manifest.policy_version)
             self.link.unsubscribe(chunk_topic(manifest.sha256, "+"))
             self.enter(DeployState.VERIFIED)
             self.event("verified", f"policy v{manifest.policy_version}: size, SHA-256 and signature check out")
@@ -374,9 +420,11 @@ class Deployment:
             version = job.manifest["policy_version"]
             self.state.job = None
             self.state.error = ""
+            self.state.high_water = max(self.state.high_water, version)  # only a committed model burns its version
             self.prune_models()
             self.enter(DeployState.COMMITTED)
             self.event("committed", f"policy v{version} passed probation")
+            self.take_deferred()
 
     def rollback(self, reason: str, seq: int | None = None) -> None:
         """Back to the previous model (fixed-time if there is none); the current one is dropped."""
@@ -398,6 +446,13 @@ class Deployment:
         self.enter(DeployState.ROLLED_BACK)
         now_running = f"policy v{self.state.active.policy_version}" if self.state.active else "the fixed-time plan"
         self.event("rolled_back", f"{reason}; {now_running} is driving the signal")
+        self.take_deferred()
+
+    def take_deferred(self) -> None:
+        """Probation was judged: the command that waited for it is handled now."""
+        payload, self.deferred = self.deferred, None
+        if payload is not None:
+            self.on_desired(payload)
 
     def prune_models(self) -> None:
         keep = self.config.probation.keep_models

@@ -8,6 +8,7 @@ falls back to a default on a street controller.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,3 +180,28 @@ def device_files(folder: Path) -> dict[str, DeviceConfig]:
             raise RELEDError(f"device id {config.id!r} appears in {by_id[config.id].path} and {config.path}")
         by_id[config.id] = config
     return by_id
+
+
+def _creatable(folder: Path) -> bool:
+    """A writable folder, or one that can be made: its nearest existing parent is a writable folder."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+
+
+def file_problems(config: DeviceConfig) -> list[str]:
+    """Every file the device file names that the daemon would fail on (``daemon --check``): missing inputs, and
+    state and log folders that can be neither written nor created."""
+    inputs = {"[broker] password_file": config.broker.password_file,
+              "[security] public_key": config.security.public_key,
+              "[broker] ca_file": config.broker.ca_file, "[sensor] file": config.sensor.file}
+    problems = [f"{name} {path} does not exist" for name, path in inputs.items()
+                if path is not None and not path.is_file()]
+    if config.sensor.adapter == "replay" and config.sensor.file is None:
+        problems.append("[sensor] adapter 'replay' needs file = \"recording.npz\"")
+    outputs = {"[device] state_dir": config.device.state_dir,
+               "[actuator] file's folder": config.actuator.file.parent if config.actuator.file else None}
+    problems += [f"{name} {folder} can be neither written nor created" for name, folder in outputs.items()
+                 if folder is not None and not _creatable(folder)]
+    return problems

@@ -1,30 +1,69 @@
-"""A real Mosquitto for the fleet: generated config, per-device users, topic ACL, optional TLS.
+"""A real Mosquitto for the fleet: generated config, two kinds of listener, per-device users, topic ACLs, TLS.
 
-``start`` writes everything into one folder (config, password file, ACL, persistence, log, pid) and
-returns once the broker accepts connections; ``stop`` ends it. The ACL gives each device read and
-write on its own subtree only, plus read on model chunks; the server user gets the whole tree.
+``start`` writes everything into one folder (config, password files, ACLs, TLS certificate, persistence,
+log, pid) and returns once the broker accepts connections; ``stop`` ends it. With
+``per_listener_settings`` every listener has its own users and ACL:
+
+- device listeners (plain ``--port`` unless ``--tls-only``, TLS ``--tls-port``): only device users, each
+  connected under its own user name as client id (so no device can take over another's session) and
+  limited by the device ACL to its own leaves;
+- the server listener (``--server-port``, TLS whenever ``--tls-port`` is given): only ``reled-server``,
+  which reads and writes the whole tree. A device cannot even log in there.
+
+Mosquitto runs in the folder and the config names files relative to it, so the folder's parents need not
+be open to the broker. Started as root, Mosquitto drops to the ``mosquitto`` user before it reads its
+password files, ACLs and TLS key, so the folder and what it holds belong to that user (0700/0600); the
+key folder stays the operator's.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import ipaddress
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from edge_runtime.errors import RELEDError
 from edge_runtime.fileio import atomic_path, atomic_write_text
 from edge_runtime.keys import KeyFolder
-from edge_runtime.protocol import PACKET_LIMIT, ROOT, SERVER_USER
+from edge_runtime.protocol import PACKET_LIMIT, ROOT, SERVER_USER, device_topic
 
 STATE_FILE = "broker.json"
+CONFIG_FILE = "mosquitto.conf"
+BROKER_USER = "mosquitto"  # what Mosquitto switches to when started as root
+DEVICE_PASSWD, DEVICE_ACL = "passwd-devices", "acl-devices"
+SERVER_PASSWD, SERVER_ACL = "passwd-server", "acl-server"
+TLS_FILES = ("server.crt", "server.key")  # copied from KEYS/tls for the broker's user
+WRITTEN_BY_BROKER = ("mosquitto.db", "mosquitto.log", "mosquitto.pid")
+PBKDF2_ROUNDS = 101  # mosquitto_passwd's default; the passwords are 192 random bits, stretching adds nothing
+MIB = 1024 * 1024
+# Bounds on what clients can make the broker hold (docs/edge.md, "Limits"). Mosquitto 2.0 has no cap on the
+# number of retained messages: the device ACL bounds them (a device can retain only on its few leaves, each
+# message under max_packet_size).
+LIMITS = {
+    "max_packet_size": PACKET_LIMIT,  # a rollout batch + headers; a larger packet disconnects its sender
+    "max_inflight_messages": 64,  # per client, QoS 1 messages sent and not yet acknowledged
+    "max_inflight_bytes": 16 * MIB,
+    "max_queued_messages": 10_000,  # per client beyond those in flight (Mosquitto's 1,000 drops silently)
+    "max_queued_bytes": 64 * MIB,  # a stalled collector or device cannot grow the broker past this
+    "memory_limit": 1024 * MIB,  # the whole broker: past it the client whose message needs memory is dropped
+}
+# What a device may do in its own subtree (reled/v1/dev/<user name>/...): it never writes what the server
+# tells it (the signed `desired`, rollout acks, HIL observations), so it can neither overwrite nor erase them.
+DEVICE_READ = ("desired", "rollouts/ack", "hil/obs")
+DEVICE_WRITE = ("status", "events", "req/chunk", "rollouts", "hil/act")
+DEVICE_READWRITE = ("reported",)  # reading back its own retained report is harmless
 
 
 @dataclass(frozen=True)
@@ -32,10 +71,11 @@ class BrokerInfo:
     """How clients reach the broker (written by ``start``, read by deploy/status/collect)."""
 
     host: str
-    port: int
+    port: int | None  # plain MQTT for devices; None with --tls-only
+    server_port: int  # the fleet tools' listener (TLS when tls_port is set)
     pid: int = 0
-    tls_port: int | None = None
-    ca_file: str | None = None
+    tls_port: int | None = None  # TLS for devices
+    ca_file: str | None = None  # absolute, so the tools work from any directory
 
     @classmethod
     def read(cls, folder: Path) -> BrokerInfo:
@@ -48,43 +88,91 @@ class BrokerInfo:
         except (ValueError, TypeError) as exc:
             raise RELEDError(f"{path} is damaged ({exc}): stop the broker and start it again") from exc
 
+    @property
+    def ports(self) -> list[int]:
+        return [p for p in (self.port, self.tls_port, self.server_port) if p is not None]
+
 
 def acl_text() -> str:
-    return (f"# generated by reled-edge: devices see only their own subtree\n"
-            f"user {SERVER_USER}\ntopic readwrite {ROOT}/#\n\n"
-            f"pattern readwrite {ROOT}/dev/%u/#\npattern read {ROOT}/models/#\n")
+    """The device listeners' ACL (``%u``: the connected device's user name)."""
+    rules = [*(("read", leaf) for leaf in DEVICE_READ), *(("write", leaf) for leaf in DEVICE_WRITE),
+             *(("readwrite", leaf) for leaf in DEVICE_READWRITE)]
+    return ("# generated by reled-edge: a device reads what the server tells it and writes what it reports,\n"
+            "# in its own subtree only, and reads model chunks\n"
+            + "".join(f"pattern {access} {device_topic('%u', leaf)}\n" for access, leaf in rules)
+            + f"pattern read {ROOT}/models/#\n")
 
 
-def config_text(folder: Path, host: str, port: int, tls_port: int | None, tls_dir: Path | None,
-                user: str | None = None) -> str:
+def server_acl_text() -> str:
+    """The server listener's ACL: the fleet tools read and write the whole tree."""
+    return f"# generated by reled-edge\nuser {SERVER_USER}\ntopic readwrite {ROOT}/#\n"
+
+
+def config_text(info: BrokerInfo) -> str:
     """The mosquitto.conf that ``start`` uses (firmware_configs/mosquitto/ holds a rendered example)."""
-    user = user or pwd.getpwuid(os.getuid()).pw_name  # as root Mosquitto would otherwise switch to 'mosquitto'
+    tls = [f"certfile {TLS_FILES[0]}", f"keyfile {TLS_FILES[1]}", "tls_version tlsv1.2"]
+    device = ["allow_anonymous false", "use_username_as_clientid true", f"password_file {DEVICE_PASSWD}",
+              f"acl_file {DEVICE_ACL}"]
     lines = [
-        "# generated by `reled-edge broker start`; edit the template in edge_runtime/fleet/broker.py, not this file",
-        f"user {user}",
-        "per_listener_settings false",
-        "allow_anonymous false",
-        f"password_file {folder / 'passwd'}",
-        f"acl_file {folder / 'acl'}",
+        "# generated by `reled-edge broker start`; edit the template in edge_runtime/fleet/broker.py, not this file.",
+        "# Paths are relative to this folder: Mosquitto runs in it.",
+        f"user {BROKER_USER}",
+        "per_listener_settings true",
         "persistence true",
-        f"persistence_location {folder}/",
+        "persistence_location ./",
         "autosave_interval 5",
-        f"pid_file {folder / 'mosquitto.pid'}",
-        f"log_dest file {folder / 'mosquitto.log'}",
+        "pid_file mosquitto.pid",
+        "log_dest file mosquitto.log",
         "log_type error", "log_type warning", "log_type notice",
         "connection_messages true",
-        f"max_packet_size {PACKET_LIMIT}",
-        "max_inflight_messages 64",
-        "max_queued_messages 10000",
-        "",
-        f"listener {port} {host}",
-        "protocol mqtt",
+        *(f"{name} {value}" for name, value in LIMITS.items()),
     ]
-    if tls_port is not None and tls_dir is not None:
-        lines += ["", f"listener {tls_port} {host}", "protocol mqtt",
-                  f"cafile {tls_dir / 'ca.crt'}", f"certfile {tls_dir / 'server.crt'}",
-                  f"keyfile {tls_dir / 'server.key'}", "tls_version tlsv1.2"]
+    if info.port is not None:
+        lines += ["", "# devices, plain MQTT", f"listener {info.port} {info.host}", *device]
+    if info.tls_port is not None:
+        lines += ["", "# devices, TLS", f"listener {info.tls_port} {info.host}", *device, *tls]
+    lines += ["", f"# the fleet tools ({SERVER_USER} only)", f"listener {info.server_port} {info.host}",
+              "allow_anonymous false", f"password_file {SERVER_PASSWD}", f"acl_file {SERVER_ACL}",
+              *(tls if info.tls_port is not None else [])]
     return "\n".join(lines) + "\n"
+
+
+def password_line(user: str, password: str) -> str:
+    """``user:$7$...``, Mosquitto 2's PBKDF2-SHA512 hash, made here: `mosquitto_passwd -U` would first copy
+    the plain passwords into a world-readable temp file."""
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PBKDF2_ROUNDS)
+    return f"{user}:$7${PBKDF2_ROUNDS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}\n"
+
+
+def tls_names(host: str, names: list[str]) -> list[str]:
+    """What the server certificate is valid for: the operator's names first (the first one is its common
+    name), then the listen address unless it is a wildcard, then localhost."""
+    wanted = [*names, host, "localhost"]
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_unspecified:
+            wanted.remove(host)
+    return list(dict.fromkeys(wanted))
+
+
+def _owner() -> tuple[int, int] | None:
+    """(uid, gid) the broker will run as when that is not us: started as root, Mosquitto drops to its user."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(BROKER_USER)
+    except KeyError as exc:
+        raise RELEDError(f"started as root, Mosquitto would run as the '{BROKER_USER}' user, which does not exist: "
+                         "create it (the Debian package does) or start the broker as an ordinary user") from exc
+    return entry.pw_uid, entry.pw_gid
+
+
+def _install(path: Path, data: bytes, owner: tuple[int, int] | None) -> None:
+    """A file only the broker may read: 0600 and owned by its user before the first byte is written."""
+    with atomic_path(path, mode=0o600) as tmp:
+        if owner is not None:
+            os.chown(tmp, *owner)
+        tmp.write_bytes(data)
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -93,84 +181,111 @@ def _port_open(host: str, port: int) -> bool:
     return False
 
 
-def _alive(pid: int) -> bool:
-    """A running process (a zombie left to a PID 1 that does not reap, as in containers, is not)."""
+def _command_line(pid: int) -> list[str] | None:
+    """The process's arguments, or None when there is no such process (a zombie has none either)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc (macOS): ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.decode(errors="replace").split("\0")[:-1] or None
 
 
-def running_pid(folder: Path) -> int | None:
-    with contextlib.suppress(RELEDError):
-        info = BrokerInfo.read(folder)
-        if info.pid and _alive(info.pid):
-            return info.pid
+def _is_ours(argv: list[str] | None, folder: Path) -> bool:
+    """Whether a command line is the Mosquitto ``start`` launched from ``folder``."""
+    return bool(argv) and Path(argv[0]).name == "mosquitto" and str(folder / CONFIG_FILE) in argv
+
+
+def _recorded_pid(folder: Path) -> int | None:
+    """The pid in ``broker.json``, read on its own: a state file an older version wrote can still be stopped."""
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        return int(json.loads((folder / STATE_FILE).read_text())["pid"])
     return None
 
 
-def start(folder: Path, keys: KeyFolder, host: str = "127.0.0.1", port: int = 1883,
-          tls_port: int | None = None, timeout: float = 10.0) -> BrokerInfo:
-    """Start Mosquitto for every user in ``keys``; raises with the broker's own words when it fails."""
+def running_pid(folder: Path) -> int | None:
+    """The pid of the broker started from ``folder``, if it still runs (a reused pid is not it)."""
+    pid = _recorded_pid(folder)
+    return pid if pid and _is_ours(_command_line(pid), folder.resolve()) else None
+
+
+def start(folder: Path, keys: KeyFolder, host: str = "127.0.0.1", port: int = 1883, tls_port: int | None = None,
+          server_port: int | None = None, tls_only: bool = False, names: list[str] | None = None,
+          timeout: float = 10.0) -> BrokerInfo:
+    """Start Mosquitto for every user in ``keys``; raises with the broker's own words when it fails.
+
+    ``server_port`` defaults to the device TLS port + 1 with TLS (8884), else the plain port + 1 (1884);
+    ``tls_only`` opens no plain device listener; ``names`` are the server certificate's extra names."""
+    folder = folder.resolve()
     binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-    passwd_tool = shutil.which("mosquitto_passwd")
-    if binary is None or passwd_tool is None:
+    if binary is None:
         raise RELEDError("mosquitto is not installed: `sudo apt-get install mosquitto` (make install does it)")
+    if tls_only and tls_port is None:
+        raise RELEDError("--tls-only needs --tls-port: without it no device could connect")
     if (pid := running_pid(folder)) is not None:
         raise RELEDError(f"a broker from {folder} is already running (pid {pid}): `reled-edge broker stop` first")
     users = keys.users()
     if SERVER_USER not in users:
         raise RELEDError(f"no credentials in {keys.root}: run `reled-edge keys init --keys {keys.root} --device ID`")
-    if _port_open(host, port):
-        raise RELEDError(f"{host}:{port} is already in use: choose another --port")
-    folder.mkdir(parents=True, exist_ok=True)
-    passwd = folder / "passwd"
-    with atomic_path(passwd) as tmp:
-        tmp.write_text("".join(f"{user}:{keys.password(user)}\n" for user in users))
-        tmp.chmod(0o600)
-        subprocess.run([passwd_tool, "-U", str(tmp)], check=True, capture_output=True)
-    atomic_write_text(folder / "acl", acl_text())
-    tls_dir = None
-    ca_file = None
-    if tls_port is not None:
-        ca_file = str(keys.ensure_tls([host, "localhost"]))
-        tls_dir = keys.tls_dir
-    atomic_write_text(folder / "mosquitto.conf", config_text(folder, host, port, tls_port, tls_dir))
+    info = BrokerInfo(host=host, port=None if tls_only else port,
+                      server_port=server_port or (tls_port if tls_port is not None else port) + 1, tls_port=tls_port)
+    if len(set(info.ports)) < len(info.ports):
+        raise RELEDError(f"the listeners need different ports (got {', '.join(map(str, info.ports))})")
+    for listener in info.ports:
+        if _port_open(host, listener):
+            raise RELEDError(f"{host}:{listener} is already in use: choose other ports")
+    owner = _owner()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)
     log_path = folder / "mosquitto.log"
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen([binary, "-c", str(folder / "mosquitto.conf")], stdout=log_file,
+    log_path.touch(mode=0o600)
+    for path in [folder, *(folder / name for name in WRITTEN_BY_BROKER)]:
+        if owner is not None and path.exists():
+            os.chown(path, *owner)
+    devices = [user for user in users if user != SERVER_USER]
+    for name, text in ((DEVICE_PASSWD, "".join(password_line(u, keys.password(u)) for u in devices)),
+                       (SERVER_PASSWD, password_line(SERVER_USER, keys.password(SERVER_USER))),
+                       (DEVICE_ACL, acl_text()), (SERVER_ACL, server_acl_text()), (CONFIG_FILE, config_text(info))):
+        _install(folder / name, text.encode(), owner)
+    if tls_port is not None:
+        ca_file = keys.ensure_tls(tls_names(host, list(names or []))).resolve()
+        info = replace(info, ca_file=str(ca_file))
+        for name in TLS_FILES:
+            _install(folder / name, (keys.tls_dir / name).read_bytes(), owner)
+    with log_path.open("ab") as log_file:  # its startup errors, before it opens the log itself
+        process = subprocess.Popen([binary, "-c", str(folder / CONFIG_FILE)], cwd=folder, stdout=log_file,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
-    while not _port_open(host, port):
+    while not all(_port_open(host, listener) for listener in info.ports):
         if process.poll() is not None or time.monotonic() > deadline:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no log"]
-            raise RELEDError(f"mosquitto did not start on {host}:{port}: {tail[0]}")
+            raise RELEDError(f"mosquitto did not start on {host} ports {', '.join(map(str, info.ports))}: {tail[0]}")
         time.sleep(0.05)
-    info = BrokerInfo(host=host, port=port, pid=process.pid, tls_port=tls_port, ca_file=ca_file)
+    info = replace(info, pid=process.pid)
     atomic_write_text(folder / STATE_FILE, json.dumps(asdict(info), indent=2) + "\n")
     return info
 
 
-def stop(folder: Path, timeout: float = 10.0) -> int | None:
-    """Stop the broker started from ``folder``; returns its pid, or None when none was running."""
-    pid = running_pid(folder)
+def stop(folder: Path, timeout: float = 10.0) -> str:
+    """Stop the broker started from ``folder`` and say what happened. A recorded pid that is no longer this
+    folder's Mosquitto (it exited and the pid was reused) is never signalled: the stale state is removed."""
+    folder = folder.resolve()
+    pid = _recorded_pid(folder)
     if pid is None:
-        return None
+        return "no broker was running"
+    argv = _command_line(pid)
+    if not _is_ours(argv, folder):
+        (folder / STATE_FILE).unlink(missing_ok=True)
+        (folder / "mosquitto.pid").unlink(missing_ok=True)
+        now = f"pid {pid} is now {' '.join(argv)[:80]!r}, left alone" if argv else f"pid {pid} has exited"
+        return f"no broker was running ({now}); removed the stale {folder / STATE_FILE}"
     os.kill(pid, signal.SIGTERM)  # Mosquitto saves its persistence file on SIGTERM
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while _is_ours(_command_line(pid), folder) and time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         time.sleep(0.05)
-    if _alive(pid):
+    if _is_ours(_command_line(pid), folder):
         os.kill(pid, signal.SIGKILL)
-    return pid
+    return f"stopped mosquitto (pid {pid})"

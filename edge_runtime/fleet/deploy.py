@@ -62,9 +62,12 @@ def judge(target: Target, model: Model, reported: dict[str, Any] | None) -> None
         target.outcome, target.detail = FAILED, reported["error"]
     else:
         job = reported.get("job") or {}
-        chunks = f" {job.get('chunks_have')}/{job.get('chunks_total')} chunks" if job.get("sha256") == model.sha256 \
-            else ""
-        target.progress = f"{state}{chunks}"
+        detail = ""
+        if job.get("sha256") == model.sha256:
+            detail = f" {job.get('chunks_have')}/{job.get('chunks_total')} chunks"
+            if state == DeployState.PROBATION and job.get("probation_needed"):
+                detail = f" {job.get('probation_decisions')}/{job['probation_needed']} decisions"
+        target.progress = f"{state}{detail}"
         return
     target.seconds = time.monotonic() - target.started
     target.progress = state
@@ -73,13 +76,16 @@ def judge(target: Target, model: Model, reported: dict[str, Any] | None) -> None
 def deploy(server: ServerLink, model: Model, configs: list[DeviceConfig], canary: int = 0, chunk_size: int = 65536,
            expires_in: float = 86400.0, timeout: float = 600.0,
            on_progress: Callable[[list[Target]], None] | None = None) -> list[Target]:
-    """Deploy ``model`` to ``configs`` (canaries first); returns every target's outcome."""
+    """Deploy ``model`` to ``configs`` (canaries first); returns every target's outcome.
+
+    ``timeout`` bounds the time without progress (a chunk, a state, a probation decision), not the whole deploy:
+    a model crawling over a slow link still arrives, a device that stopped answering is given up."""
     manifests = {c.id: model.manifest(c.device.intersection, chunk_size, expires_in) for c in configs}
-    server.serve(model, chunk_size)
+    server.serve(model, chunk_size, [c.id for c in configs])
     targets = [Target(c.id, c.device.intersection) for c in configs]
     waves = [targets[:canary], targets[canary:]] if canary else [targets]
-    deadline = time.monotonic() + timeout
     for wave in waves:
+        deadline = time.monotonic() + timeout
         for target in wave:
             target.started = time.monotonic()
             target.seq = server.command(target.device, {"kind": "deploy",
@@ -88,11 +94,17 @@ def deploy(server: ServerLink, model: Model, configs: list[DeviceConfig], canary
             if time.monotonic() > deadline:
                 for t in wave:
                     if t.outcome == PENDING:
-                        t.outcome, t.detail = FAILED, f"no commit within {timeout:g} s (last: {t.progress})"
+                        t.outcome, t.detail = FAILED, f"no progress for {timeout:g} s (last: {t.progress})"
                 break
             server.pump(0.05)
+            invalid = server.invalid
             for t in wave:
+                before = t.progress
                 judge(t, model, server.reported.get(t.device))
+                if t.progress != before:
+                    deadline = time.monotonic() + timeout
+                if t.outcome == PENDING and t.device in invalid:
+                    t.progress = f"invalid messages ({invalid[t.device]})"
             if on_progress is not None:
                 on_progress(targets)
         if any(t.outcome == FAILED for t in wave) and wave is not waves[-1]:
@@ -114,7 +126,8 @@ def rollback(server: ServerLink, device: str, timeout: float = 60.0) -> dict[str
             return reported
         if reported.get("error_seq") == seq and reported.get("state") != DeployState.ROLLED_BACK:
             raise RELEDError(f"{device} refused the rollback: {reported.get('error')}")
-    raise RELEDError(f"{device} did not confirm the rollback within {timeout:g} s (is it online?)")
+    why = f"its messages are invalid: {server.invalid[device]}" if device in server.invalid else "is it online?"
+    raise RELEDError(f"{device} did not confirm the rollback within {timeout:g} s ({why})")
 
 
 def fleet_snapshot(server: ServerLink, settle: float = 1.0) -> None:

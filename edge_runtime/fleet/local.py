@@ -36,10 +36,14 @@ from edge_runtime.keys import KeyFolder
 EDGE = [sys.executable, "-m", "edge_runtime"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(*taken: int) -> int:
+    """A free 127.0.0.1 port other than ``taken`` (ports handed out already but not bound yet)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in taken:
+            return port
 
 
 def synthetic_replay(path: Path, n_phases: int, steps: int = 600, seed: int = 0) -> Path:
@@ -62,13 +66,15 @@ class LocalFleet:
     """Broker, keys, device files and daemons under ``root``; :meth:`close` stops everything it started."""
 
     root: Path
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=free_port)  # the devices' listener
+    server_port: int = 0  # the fleet tools' listener (0: a free port)
     daemons: dict[str, subprocess.Popen] = field(default_factory=dict)
     background: list[subprocess.Popen] = field(default_factory=list)
     observers: list[ServerLink] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.root = self.root.resolve()  # device files name absolute paths
+        self.server_port = self.server_port or free_port(self.port)
         self.keys = self.root / "keys"
         self.broker_dir = self.root / "broker"
         self.devices = self.root / "devices"
@@ -96,7 +102,7 @@ class LocalFleet:
         self.background.append(proc)
         return proc
 
-    def write_device(self, device: str, intersection: str, greens: list[str], replay_seed: int = 0,
+    def write_device(self, device: str, /, intersection: str, greens: list[str], replay_seed: int = 0,
                      groups: tuple[str, ...] = ("local",), **sections: dict[str, Any]) -> Path:
         replay = synthetic_replay(self.root / f"{device}.replay.npz", len(greens), seed=replay_seed)
         body: dict[str, dict[str, Any]] = {
@@ -120,8 +126,10 @@ class LocalFleet:
     def init_keys(self) -> None:
         self.edge("keys", "init", "--keys", str(self.keys), "--devices", str(self.devices), check=True)
 
-    def start_broker(self, tls_port: int | None = None) -> None:
-        args = ["broker", "start", "--keys", str(self.keys), "--dir", str(self.broker_dir), "--port", str(self.port)]
+    def start_broker(self, tls_port: int | None = None, *extra: str) -> None:
+        """`reled-edge broker start` on this fleet's ports (``extra``: more options, e.g. --tls-only)."""
+        args = ["broker", "start", "--keys", str(self.keys), "--dir", str(self.broker_dir), "--port", str(self.port),
+                "--server-port", str(self.server_port), *extra]
         if tls_port is not None:
             args += ["--tls-port", str(tls_port)]
         self.edge(*args, check=True)
@@ -138,10 +146,12 @@ class LocalFleet:
     def stop_broker(self) -> None:
         self.edge("broker", "stop", "--dir", str(self.broker_dir))
 
-    def start_daemon(self, device: str) -> subprocess.Popen:
+    def start_daemon(self, device: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start ``device``'s daemon (``env``: extra environment variables for it)."""
         with (self.root / f"{device}.daemon.log").open("a") as log:
             proc = subprocess.Popen([*EDGE, "daemon", "--config", str(self.devices / f"{device}.toml")],
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, **(env or {})})
         self.daemons[device] = proc
         return proc
 

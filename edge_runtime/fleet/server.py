@@ -8,40 +8,54 @@ device can refuse a replayed command without the server keeping per-device histo
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import time
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_runtime.errors import RELEDError
 from edge_runtime.features import SCHEMA_VERSION
 from edge_runtime.fileio import atomic_write_text, sha256_bytes
 from edge_runtime.fleet.broker import BrokerInfo
-from edge_runtime.keys import KeyFolder
+from edge_runtime.fleet.chunks import ChunkServer
+from edge_runtime.keys import KeyFolder, load_public_key
 from edge_runtime.mqtt import BrokerAddress, Link, Message
 from edge_runtime.policy import OnnxPolicy
 from edge_runtime.protocol import (
     CHUNK_LIMIT,
+    DEVICE_ID,
+    ROOT,
     SERVER_USER,
     Manifest,
     ProtocolError,
-    chunk_topic,
     decode_json,
-    device_of,
     device_topic,
     sign,
+    verify,
 )
+from edge_runtime.schema import CHUNK_REQUEST, COMMAND, EVENT, REPORTED, STATUS, Spec, validate
 
 SEQ_FILE = "server_seq.json"
+EVENTS_KEPT = 100  # per device: a chatty or hostile device cannot grow a long-running collector
+# what the server reads on each device topic (rollouts: the collector's, edge_runtime.rollouts.unpack)
+SCHEMAS: dict[str, Spec] = {"reported": REPORTED, "status": STATUS, "events": EVENT, "req/chunk": CHUNK_REQUEST,
+                            "desired": COMMAND}
+log = logging.getLogger(__name__)
 
 
 def server_address(keys: KeyFolder, broker_dir: Path, host: str | None, port: int | None) -> BrokerAddress:
-    """Where and how the server connects: --host/--port, else what `broker start` recorded."""
-    info = BrokerInfo(host=host, port=port) if host and port else BrokerInfo.read(broker_dir)
-    ca = info.ca_file if info.tls_port is not None else None
-    return BrokerAddress(host or info.host, port or (info.tls_port if ca else info.port), SERVER_USER,
-                         keys.password(SERVER_USER), ca)
+    """Where and how the server connects: --host/--port (plain MQTT), else the server listener `broker start`
+    recorded (TLS, verified against its CA, when the broker has a TLS port)."""
+    info = BrokerInfo(host=host, port=None, server_port=port) if host and port else BrokerInfo.read(broker_dir)
+    return BrokerAddress(host or info.host, port or info.server_port, SERVER_USER, keys.password(SERVER_USER),
+                         info.ca_file)
 
 
 def next_seq(keys: KeyFolder) -> int:
@@ -87,20 +101,33 @@ class Model:
 class ServerLink:
     """The server's MQTT connection: signs commands, serves chunks, tracks what devices report."""
 
-    def __init__(self, keys: KeyFolder, address: BrokerAddress, name: str, extra_subscriptions: list[str] = ()):
+    def __init__(self, keys: KeyFolder, address: BrokerAddress, name: str, extra_subscriptions: list[str] = (),
+                 will: tuple[str, bytes] | None = None):
         self.keys = keys
-        self.models: dict[str, bytes] = {}
-        self.chunk_sizes: dict[str, int] = {}
+        # only validated documents (edge_runtime.schema); a device whose latest message on a topic was refused
+        # is in ``invalid`` instead, until a valid one replaces it
         self.reported: dict[str, dict[str, Any]] = {}
         self.status: dict[str, dict[str, Any]] = {}
         self.desired: dict[str, dict[str, Any]] = {}
-        self.events: dict[str, list[dict[str, Any]]] = {}
+        self.events: dict[str, deque[dict[str, Any]]] = {}  # the newest EVENTS_KEPT per device
+        self.refused: dict[str, dict[str, str]] = {}  # device -> topic leaf -> why its latest message was refused
+        self.warned: set[tuple[str, str]] = set()  # (device, leaf) refusals logged as warnings already
         self.retained_commands: dict[str, bytes] = {}
-        self.chunks_served = 0
-        subscriptions = ["reled/v1/dev/+/reported", "reled/v1/dev/+/status", "reled/v1/dev/+/events",
-                         "reled/v1/dev/+/req/chunk", "reled/v1/dev/+/desired", *extra_subscriptions]
-        self.link = Link(address, f"reled-server-{name}-{time.time_ns() % 10**9}", subscriptions,
+        self.stores = {"reported": self.reported, "status": self.status, "desired": self.desired}
+        self.chunks = ChunkServer(lambda topic, data: self.link.publish(topic, data))
+        subscriptions = [f"{ROOT}/dev/+/{leaf}" for leaf in SCHEMAS] + list(extra_subscriptions)
+        self.link = Link(address, f"reled-server-{name}-{time.time_ns() % 10**9}", subscriptions, will=will,
                          on_connect=self._on_connect)
+
+    @property
+    def invalid(self) -> dict[str, str]:
+        """Devices whose latest message on some topic broke the schema, with the reasons."""
+        return {device: "; ".join(f"{leaf}: {why}" for leaf, why in leaves.items())
+                for device, leaves in self.refused.items() if leaves}
+
+    @cached_property
+    def public_key(self) -> Ed25519PublicKey:
+        return load_public_key(self.keys.public_key_path)
 
     def _on_connect(self) -> None:
         for device, payload in self.retained_commands.items():  # a restarted broker may have lost them
@@ -121,9 +148,9 @@ class ServerLink:
         self.link.publish(device_topic(device, "desired"), payload, retain=True).wait_for_publish(10)
         return seq
 
-    def serve(self, model: Model, chunk_size: int) -> None:
-        self.models[model.sha256] = model.data
-        self.chunk_sizes[model.sha256] = chunk_size
+    def serve(self, model: Model, chunk_size: int, targets: Iterable[str]) -> None:
+        """Answer chunk requests for ``model`` from ``targets`` (the devices it is deployed to) only."""
+        self.chunks.add(model.sha256, model.data, chunk_size, targets)
 
     def pump(self, wait: float = 0.05, on_message: Any = None) -> None:
         """Handle what arrived (chunk requests are answered here); block up to ``wait`` for the first message."""
@@ -141,44 +168,43 @@ class ServerLink:
                 return
 
     def _handle(self, message: Message) -> None:
-        parts = message.topic.split("/")
+        """Keep a device's message if it passes its schema; a refused one marks the device invalid instead."""
+        parts = message.topic.split("/", 4)
+        if len(parts) < 5 or parts[:3] != ["reled", "v1", "dev"] or parts[4] not in SCHEMAS \
+                or not DEVICE_ID.match(parts[3]):
+            return  # rollouts are the collector's; an id the broker would never have accepted is nobody's
+        device, leaf = parts[3], parts[4]
+        store = self.stores.get(leaf)
+        if not message.payload:  # a retained message was cleared
+            if store is not None:
+                store.pop(device, None)
+            self.refused.get(device, {}).pop(leaf, None)
+            return
         try:
-            device = device_of(message.topic)
-        except ProtocolError:
+            body = self._validated(device, leaf, message.payload)
+        except ProtocolError as exc:
+            self._refuse(device, leaf, str(exc))
+            if store is not None:
+                store.pop(device, None)
             return
-        leaf = "/".join(parts[4:])
-        if leaf == "desired":
-            self._store_desired(device, message.payload)
-            return
-        if not message.payload:
-            return
-        try:
-            body = decode_json(message.payload) if leaf != "rollouts" else None
-        except ProtocolError:
-            return
-        if leaf == "reported" and body is not None:
-            self.reported[device] = body
-        elif leaf == "status" and body is not None:
-            self.status[device] = body
-        elif leaf == "events" and body is not None:
-            self.events.setdefault(device, []).append(body)
-        elif leaf == "req/chunk" and body is not None:
-            self._answer_chunks(body)
+        self.refused.get(device, {}).pop(leaf, None)
+        if store is not None:
+            store[device] = body
+        elif leaf == "events":
+            self.events.setdefault(device, deque(maxlen=EVENTS_KEPT)).append(body)
+        else:
+            self.chunks.answer(device, body["sha256"], body["chunks"])
 
-    def _store_desired(self, device: str, payload: bytes) -> None:
-        try:
-            self.desired[device] = json.loads(payload)["doc"] if payload else {}
-        except (ValueError, KeyError, TypeError):
-            self.desired[device] = {"kind": "unreadable"}
+    def _validated(self, device: str, leaf: str, payload: bytes) -> dict[str, Any]:
+        # a command read back must still be the server's: the device could have overwritten its own
+        document = verify(payload, self.public_key) if leaf == "desired" else decode_json(payload)
+        body = validate(document, SCHEMAS[leaf])
+        if body.get("device", device) != device:
+            raise ProtocolError("device: names another device")
+        return body
 
-    def _answer_chunks(self, body: dict[str, Any]) -> None:
-        sha = body.get("sha256")
-        data = self.models.get(sha) if isinstance(sha, str) else None
-        indices = body.get("chunks")
-        if data is None or not isinstance(indices, list):
-            return  # another deploy process serves that model
-        size = self.chunk_sizes[sha]
-        for index in indices[:64]:
-            if isinstance(index, int) and 0 <= index * size < len(data):
-                self.link.publish(chunk_topic(sha, index), data[index * size:(index + 1) * size])
-                self.chunks_served += 1
+    def _refuse(self, device: str, leaf: str, reason: str) -> None:
+        level = logging.DEBUG if (device, leaf) in self.warned else logging.WARNING  # a flood logs once
+        self.warned.add((device, leaf))
+        log.log(level, "%s's message on %s refused: %s", device, leaf, reason)
+        self.refused.setdefault(device, {})[leaf] = reason
