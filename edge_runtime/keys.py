@@ -21,9 +21,10 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
+from edge_runtime.credentials import read_password
 from edge_runtime.errors import RELEDError
 from edge_runtime.fileio import atomic_write_bytes
 from edge_runtime.protocol import SERVER_USER, check_device_id
@@ -31,25 +32,6 @@ from edge_runtime.protocol import SERVER_USER, check_device_id
 
 def write_secret(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, data, mode=0o600)
-
-
-def load_public_key(path: Path) -> Ed25519PublicKey:
-    try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except FileNotFoundError as exc:
-        raise RELEDError(f"public key {path} does not exist: copy signing.pub from the server's key folder") from exc
-    except ValueError as exc:
-        raise RELEDError(f"{path} is not a PEM public key") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise RELEDError(f"{path} is not an Ed25519 public key")
-    return key
-
-
-def read_password(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError as exc:
-        raise RELEDError(f"password file {path} does not exist: run `reled-edge keys init --device ID`") from exc
 
 
 @dataclass(frozen=True)

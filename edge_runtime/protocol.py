@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+if TYPE_CHECKING:  # the server signs with `cryptography`; a controller only verifies and never imports it
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edge_runtime.credentials import PinnedKey
 
 ROOT = "reled/v1"
 CHUNK_LIMIT = 64 * 1024  # bytes of model per chunk message (ThingsBoard's default)
@@ -106,16 +107,18 @@ def sign(document: dict[str, Any], key: Ed25519PrivateKey) -> bytes:
     return encode({"doc": document, "sig": signature})
 
 
-def verify(payload: bytes, key: Ed25519PublicKey) -> dict[str, Any]:
+def verify(payload: bytes, key: PinnedKey) -> dict[str, Any]:
     """The signed document inside ``payload``, or ProtocolError (malformed, unsigned, bad signature)."""
     envelope = decode_json(payload)
     document, signature = envelope.get("doc"), envelope.get("sig")
     if not isinstance(document, dict) or not isinstance(signature, str):
         raise ProtocolError("unsigned document: expected {\"doc\": {...}, \"sig\": \"...\"}")
     try:
-        key.verify(base64.b64decode(signature, validate=True), encode(document))
-    except (InvalidSignature, ValueError) as exc:
-        raise ProtocolError("bad signature: not signed by the pinned server key") from exc
+        raw = base64.b64decode(signature, validate=True)
+    except ValueError as exc:
+        raise ProtocolError("bad signature: not base64") from exc
+    if not key.verify(encode(document), raw):
+        raise ProtocolError("bad signature: not signed by the pinned server key")
     return document
 
 
@@ -142,52 +145,20 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Any) -> Manifest:
-        """A manifest from a signed document, every field type- and range-checked (it names files and sizes)."""
+        """A manifest from a signed document: every field type- and range-checked by ``schema.MANIFEST`` (it
+        names files and sizes), then the chunk list against the size."""
+        from edge_runtime.schema import MANIFEST, validate  # the schema module builds on this one
+
         if not isinstance(data, dict):
             raise ProtocolError("deploy document without a manifest object")
         try:
-            chunks, phases = data["chunks"], data["phase_table"]
-            if not isinstance(chunks, list) or not isinstance(phases, list):
-                raise TypeError("chunks and phase_table must be lists")
-            manifest = cls(sha256=_hex_digest(data["sha256"]), size=_integer(data["size"], 2**40),
-                           chunk_size=_integer(data["chunk_size"], 2**31),
-                           chunks=tuple(_hex_digest(c) for c in chunks),
-                           schema_version=_integer(data["schema_version"], 2**31),
-                           intersection=_text(data["intersection"]), phase_table=tuple(_text(p) for p in phases),
-                           policy_version=_integer(data["policy_version"], 2**63 - 1),
-                           precision=_text(data["precision"]), expires=_number(data["expires"]))
-        except (KeyError, TypeError, ValueError) as exc:
+            m = validate(data, MANIFEST)
+        except ProtocolError as exc:
             raise ProtocolError(f"manifest lacks or garbles {exc}") from exc
-        if not 0 < manifest.chunk_size <= CHUNK_LIMIT:
-            raise ProtocolError(f"chunk size {manifest.chunk_size} outside 1..{CHUNK_LIMIT}")
-        if len(manifest.chunks) != -(-manifest.size // manifest.chunk_size) or manifest.size <= 0:
+        manifest = cls(sha256=m["sha256"], size=m["size"], chunk_size=m["chunk_size"], chunks=tuple(m["chunks"]),
+                       schema_version=m["schema_version"], intersection=m["intersection"],
+                       phase_table=tuple(m["phase_table"]), policy_version=m["policy_version"],
+                       precision=m["precision"], expires=m["expires"])
+        if len(manifest.chunks) != -(-manifest.size // manifest.chunk_size):
             raise ProtocolError(f"manifest lists {len(manifest.chunks)} chunks for {manifest.size} bytes")
         return manifest
-
-
-HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
-
-
-def _hex_digest(value: Any) -> str:
-    """A SHA-256 in hex (it becomes a file name and a topic level: nothing else may pass)."""
-    if not isinstance(value, str) or not HEX_DIGEST.match(value):
-        raise ValueError(f"{str(value)[:80]!r} is not a SHA-256 hex digest")
-    return value
-
-
-def _integer(value: Any, maximum: int) -> int:
-    if type(value) is not int or not 0 <= value <= maximum:
-        raise ValueError(f"{str(value)[:80]!r} is not an integer in 0..{maximum}")
-    return value
-
-
-def _number(value: Any) -> float:
-    if type(value) not in (int, float) or not math.isfinite(value):
-        raise ValueError(f"{str(value)[:80]!r} is not a finite number")
-    return float(value)
-
-
-def _text(value: Any, limit: int = 256) -> str:
-    if not isinstance(value, str) or len(value) > limit:
-        raise ValueError(f"{str(value)[:80]!r} is not a string of at most {limit} characters")
-    return value

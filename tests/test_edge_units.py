@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_runtime.device.device_config import load_device_config
 from edge_runtime.device.outbox import Outbox
@@ -24,20 +23,39 @@ from edge_runtime.rollouts import Batch, pack, unpack
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_signed_documents_verify_and_any_change_breaks_them():
-    key = Ed25519PrivateKey.generate()
+def test_signed_documents_verify_and_any_change_breaks_them(tmp_path):
+    """The server signs with `cryptography`, the controller pins signing.pub and verifies with libsodium."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from edge_runtime.credentials import load_public_key
+
+    server, stranger = KeyFolder(tmp_path / "server"), KeyFolder(tmp_path / "stranger")
+    server.init([])
+    stranger.init([])
+    key, pinned = server.signing_key(), load_public_key(server.public_key_path)
     payload = sign({"kind": "deploy", "seq": 3, "device": "a"}, key)
-    assert verify(payload, key.public_key())["seq"] == 3
+    assert verify(payload, pinned)["seq"] == 3
     with pytest.raises(ProtocolError, match="bad signature"):
-        verify(payload.replace(b'"seq":3', b'"seq":4'), key.public_key())
+        verify(payload.replace(b'"seq":3', b'"seq":4'), pinned)
     with pytest.raises(ProtocolError, match="bad signature"):
-        verify(payload, Ed25519PrivateKey.generate().public_key())
+        verify(payload, load_public_key(stranger.public_key_path))
+    with pytest.raises(ProtocolError, match="bad signature"):
+        verify(payload.replace(b'"sig":"', b'"sig":"!'), pinned)
     with pytest.raises(ProtocolError, match="unsigned"):
-        verify(b'{"doc": {"seq": 1}}', key.public_key())
+        verify(b'{"doc": {"seq": 1}}', pinned)
     with pytest.raises(ProtocolError, match="malformed JSON"):
         decode_json(b"{nope")
     with pytest.raises(ProtocolError, match="exceeds"):
         decode_json(b" " * 300_000)
+    ec_pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "ec.pub").write_bytes(ec_pem)
+    with pytest.raises(RELEDError, match="not an Ed25519 public key"):
+        load_public_key(tmp_path / "ec.pub")
+    (tmp_path / "junk.pub").write_text("not a key")
+    with pytest.raises(RELEDError, match="not a PEM public key"):
+        load_public_key(tmp_path / "junk.pub")
 
 
 def test_manifests_are_checked_for_consistency():
@@ -47,7 +65,7 @@ def test_manifests_are_checked_for_consistency():
     assert Manifest.from_dict(good).to_dict() == good
     with pytest.raises(ProtocolError, match="lists 1 chunks"):
         Manifest.from_dict(dict(good, chunks=["b" * 64]))
-    with pytest.raises(ProtocolError, match="chunk size"):
+    with pytest.raises(ProtocolError, match="chunk_size: integer outside"):
         Manifest.from_dict(dict(good, chunk_size=1 << 20))
     with pytest.raises(ProtocolError, match="lacks or garbles"):
         Manifest.from_dict({k: v for k, v in good.items() if k != "sha256"})
@@ -193,6 +211,15 @@ def test_edge_runtime_never_imports_torch_or_sumo():
     code = ("import sys, edge_runtime.cli, edge_runtime.device.daemon, edge_runtime.fleet.deploy, "
             "edge_runtime.fleet.collector, edge_runtime.fleet.local; "
             "bad = [m for m in ('torch', 'traci', 'libsumo', 'sumolib', 'trainer') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_running_daemon_carries_no_command_line_or_server_libraries():
+    """What `reled-edge daemon` becomes (edge_runtime.device.__main__) imports neither the CLI's libraries nor
+    `cryptography`: the controller's resident memory (tools/bench/edge_soak.py)."""
+    code = ("import sys, edge_runtime.device.__main__, edge_runtime.device.daemon; "
+            "bad = [m for m in ('typer', 'rich', 'pydantic', 'cryptography', 'torch') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -24,12 +24,12 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from edge_runtime.credentials import read_password
 from edge_runtime.device.adapters import make_actuator, make_sensor
 from edge_runtime.device.deployment import Deployment
 from edge_runtime.device.device_config import DeviceConfig
 from edge_runtime.device.outbox import Outbox
 from edge_runtime.features import PER_PHASE_FEATURES, action_mask, build_observation
-from edge_runtime.keys import read_password
 from edge_runtime.mqtt import BrokerAddress, Link, Message
 from edge_runtime.protocol import ProtocolError, decode_json, device_topic, encode
 from edge_runtime.rollouts import SOURCE_FALLBACK, SOURCE_POLICY

@@ -22,14 +22,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edge_runtime.credentials import load_public_key
 from edge_runtime.device.deploy_state import DeployState, Job, ModelRef, StateFile, check_transition
 from edge_runtime.device.device_config import DeviceConfig
 from edge_runtime.errors import RELEDError
 from edge_runtime.features import SCHEMA_VERSION
 from edge_runtime.fileio import sha256_bytes, sha256_file
-from edge_runtime.keys import load_public_key
 from edge_runtime.policy import OnnxPolicy
 from edge_runtime.protocol import Manifest, ProtocolError, chunk_topic, device_topic, encode, verify
+from edge_runtime.schema import COMMAND, validate
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,12 @@ SELFTEST_RUNS = 50  # timed decisions in the staging latency check
 
 
 def command_fields(doc: dict[str, Any]) -> tuple[int, str, float]:
-    """(seq, device, issued) of a verified command, type- and range-checked."""
-    seq, device, issued = doc.get("seq"), doc.get("device"), doc.get("issued", 0.0)
-    if type(seq) is not int or not 0 < seq < 2**63:
-        raise ProtocolError("malformed document: seq must be a positive 64-bit integer")
-    if not isinstance(device, str) or len(device) > 64:
-        raise ProtocolError("malformed document: device must be a device id")
-    if type(issued) not in (int, float) or not 0 <= issued < 2**40:
-        raise ProtocolError("malformed document: issued must be a unix time")
-    return seq, device, float(issued)
+    """(seq, device, issued) of a verified command, every field checked against ``schema.COMMAND``."""
+    try:
+        command = validate(doc, COMMAND)
+    except ProtocolError as exc:
+        raise ProtocolError(f"malformed document: {exc}") from exc
+    return command["seq"], command["device"], command["issued"]
 
 
 def same_model(a: Manifest, b: Manifest) -> bool:
@@ -196,10 +194,8 @@ class Deployment:
         self.state.newest_issued = max(self.state.newest_issued, issued)
         if kind == "deploy":
             self.on_deploy(doc.get("manifest"), seq)
-        elif kind == "rollback":
+        else:  # the schema admits deploy and rollback only
             self.rollback("requested by the server", seq)
-        else:
-            self.refuse(seq, f"unknown command kind {kind!r}")
 
     def on_deploy(self, raw_manifest: Any, seq: int) -> None:
         try:

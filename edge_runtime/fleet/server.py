@@ -18,14 +18,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
+from edge_runtime.credentials import PinnedKey, load_public_key
 from edge_runtime.errors import RELEDError
 from edge_runtime.features import SCHEMA_VERSION
 from edge_runtime.fileio import atomic_write_text, sha256_bytes
 from edge_runtime.fleet.broker import BrokerInfo
 from edge_runtime.fleet.chunks import ChunkServer
-from edge_runtime.keys import KeyFolder, load_public_key
+from edge_runtime.keys import KeyFolder
 from edge_runtime.mqtt import BrokerAddress, Link, Message
 from edge_runtime.policy import OnnxPolicy
 from edge_runtime.protocol import (
@@ -126,7 +125,7 @@ class ServerLink:
                 for device, leaves in self.refused.items() if leaves}
 
     @cached_property
-    def public_key(self) -> Ed25519PublicKey:
+    def public_key(self) -> PinnedKey:
         return load_public_key(self.keys.public_key_path)
 
     def _on_connect(self) -> None:
