@@ -264,3 +264,18 @@ def test_the_startup_clearance_shows_yellow_then_red_on_every_movement_before_th
     entered = shield.advance(10.0)
     assert [(s.stage, s.phase, s.since) for s in entered] == [(Stage.ALL_RED, 0, 3.0), (Stage.GREEN, 0, 5.0)]
     assert not shield.clearing
+
+
+def test_the_outbox_keeps_its_write_ahead_log_small(tmp_path):
+    """A controller's state partition is small: the WAL is checkpointed and truncated as rows go by, not left at
+    SQLite's 4 MiB."""
+    outbox = Outbox(tmp_path / "o.sqlite", "dev", batch_rows=64, flush_seconds=3600)
+    wal = tmp_path / "o.sqlite-wal"
+    largest = 0
+    for i in range(4000):
+        outbox.add(float(i), np.zeros(feature_size(), np.float32), np.ones(MAX_PHASES, bool), 0, 0.0, False, 0.0,
+                   0, 1)
+        outbox.seal()
+        largest = max(largest, wal.stat().st_size if wal.exists() else 0)
+    assert 0 < largest < 1_500_000, largest
+    assert outbox.recorded() == 4000 and outbox.pending_rows() == 4000

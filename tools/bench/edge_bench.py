@@ -48,6 +48,7 @@ from edge_runtime.protocol import device_topic
 from edge_runtime.rollouts import Batch, pack
 from trainer.export import ExportRequest, export_policy, load_actor
 
+ROLLOUT_DEVICE = "streamer"  # publishes the rollout batches; no daemon runs with its credentials
 TARGETS = {"onnx_p99_ms": 1.0, "deploy_20_seconds": 5.0, "daemon_rss_mb": 150.0}
 
 
@@ -110,9 +111,11 @@ def deploy_time(fleet: LocalFleet, model_path: Path, n: int) -> dict[str, float]
 def rollout_rate(fleet: LocalFleet, batches: int, rows: int) -> dict[str, float]:
     out = fleet.root / "rollouts"
     collector = fleet.edge_background("collect", "--out", str(out), log=fleet.root / "collect.log")
-    password = (fleet.keys / "credentials" / "dev0.secret").read_text().strip()
-    link = Link(BrokerAddress("127.0.0.1", fleet.port, "dev0", password), "bench-dev0",
-                [device_topic("dev0", "rollouts/ack")]).start()
+    # a device of its own: the broker binds client ids to users, so a second connection with a running daemon's
+    # credentials would take its session over (and the daemon would take it back)
+    password = (fleet.keys / "credentials" / f"{ROLLOUT_DEVICE}.secret").read_text().strip()
+    link = Link(BrokerAddress("127.0.0.1", fleet.port, ROLLOUT_DEVICE, password), f"bench-{ROLLOUT_DEVICE}",
+                [device_topic(ROLLOUT_DEVICE, "rollouts/ack")]).start()
     acked: dict[int, set[int]] = {}  # epoch -> acknowledged seqs
 
     def take_acks(wait: float) -> None:
@@ -132,7 +135,7 @@ def rollout_rate(fleet: LocalFleet, batches: int, rows: int) -> dict[str, float]
                        "action": rng.integers(0, 2, rows), "log_prob": rng.normal(size=rows),
                        "override": np.zeros(rows, bool), "reward": -rng.poisson(5, rows), "source": np.zeros(rows),
                        "policy_version": np.ones(rows)}
-            return pack(Batch("dev0", epoch, seq, columns))
+            return pack(Batch(ROLLOUT_DEVICE, epoch, seq, columns))
 
         payloads = [batch(99, seq) for seq in range(1, batches + 1)]
         # the collector is listening once it acknowledges a warm-up batch (epoch 98, not timed)
@@ -141,13 +144,13 @@ def rollout_rate(fleet: LocalFleet, batches: int, rows: int) -> dict[str, float]
         def collector_ready() -> bool:
             nonlocal resend_at
             if time.monotonic() >= resend_at:
-                link.publish(device_topic("dev0", "rollouts"), warm_up)
+                link.publish(device_topic(ROLLOUT_DEVICE, "rollouts"), warm_up)
                 resend_at = time.monotonic() + 1.0
             return bool(acked.get(98))
         wait_for(collector_ready, 120, "the collector to acknowledge a batch", poll=lambda: take_acks(0.1))
         start = time.monotonic()
         for payload in payloads:
-            link.publish(device_topic("dev0", "rollouts"), payload)
+            link.publish(device_topic(ROLLOUT_DEVICE, "rollouts"), payload)
         deadline = time.monotonic() + 120
         while len(acked.get(99, ())) < batches and time.monotonic() < deadline:
             take_acks(0.5)
@@ -188,6 +191,7 @@ def main() -> None:
                                # 20 daemons share this machine's cores (a controller has its own): scheduling
                                # stalls of several ms are this bench's, not the policy's, so widen the budget
                                inference={"latency_budget_ms": 100.0})
+        fleet.write_device(ROLLOUT_DEVICE, *tables[0], groups=("spare",))  # credentials only, never started
         fleet.init_keys()
         fleet.start_broker()
         try:

@@ -9,13 +9,16 @@ sits in the decision loop, so its cost must be measured, not assumed.
    (1 s decisions at 100x signal time) through a real Mosquitto while `reled-edge collect` takes its
    rollouts; its RSS is sampled every 5 s. Target: < 80 MB after 10 minutes.
 2. Decision cost, in this process: ``DeviceDaemon.decide`` (sensor, features, ONNX Runtime with one
-   intra-op thread, shield, actuator, SQLite outbox insert) and the ONNX Runtime session alone, p50/p99.
+   intra-op thread, shield, actuator, SQLite outbox insert), the outbox housekeeping the loop does after it
+   (sealing batches, checkpoints), and the ONNX Runtime session alone, p50/p99.
    Run it on another checkout to compare (the peer is the code before a change):
 
     .venv/bin/python tools/bench/edge_soak.py                      # 10 minutes
     .venv/bin/python tools/bench/edge_soak.py --seconds 60 --json out/soak.json
-    git worktree add /tmp/before HEAD~5 && PYTHONPATH=/tmp/before .venv/bin/python tools/bench/edge_soak.py \\
-        --seconds 0   # decision cost of the older code only
+    # the same for older code: run it from that checkout (`python -m` puts the working directory first on
+    # the path, so the daemons it starts run that checkout's code too)
+    git worktree add /tmp/before 1706f96 && cd /tmp/before && \\
+        PYTHONPATH=/tmp/before /work/main/.venv/bin/python /work/main/tools/bench/edge_soak.py
 """
 
 from __future__ import annotations
@@ -61,13 +64,16 @@ def decision_cost(root: Path, policy: Path, n: int) -> dict[str, dict[str, float
     daemon.deployment.policy = OnnxPolicy(policy, threads=1)
     if hasattr(daemon, "open_outbox"):
         daemon.open_outbox()
-    whole, session = [], []
+    whole, housekeeping, session = [], [], []
     try:
         for i in range(n + 50):
             start = time.perf_counter()
             daemon.decide(float(i))
+            between = time.perf_counter()
+            daemon.rollouts_step()  # what the loop does between decisions: seal batches, checkpoint the outbox
             if i >= 50:
-                whole.append(time.perf_counter() - start)
+                whole.append(between - start)
+                housekeeping.append(time.perf_counter() - between)
         obs = np.zeros((1, len(daemon.deployment.policy.meta.selftest.obs[0])), dtype=np.float32)
         mask = daemon.mask[None, :]
         for _ in range(n):
@@ -80,7 +86,8 @@ def decision_cost(root: Path, policy: Path, n: int) -> dict[str, dict[str, float
     def figures(seconds: list[float]) -> dict[str, float]:
         ms = np.asarray(seconds) * 1000
         return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
-    return {"daemon decide": figures(whole), "onnxruntime session": figures(session)}
+    return {"daemon decide": figures(whole), "outbox housekeeping after it": figures(housekeeping),
+            "onnxruntime session": figures(session)}
 
 
 def soak(root: Path, policy: Path, seconds: float, console: Console) -> dict[str, object]:
