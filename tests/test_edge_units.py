@@ -148,6 +148,7 @@ def test_device_files_merge_the_profile_and_refuse_mistakes(tmp_path):
         DEVICE.replace('state_dir = "s"', 'state_dir = "s"\nprofile = "nope"'): "profile 'nope' not found",
         DEVICE + "[runtime]\nmax_decisions = 1.5\n": "max_decisions = 1.5",
         DEVICE.replace('intersection = "X"\n', ""): "missing 'intersection'",
+        DEVICE + "[probation]\ndecisions = 5\nmax_failures = 5\n": "max_failures = 5 must be below decisions = 5",
     }
     for text, needle in cases.items():
         with pytest.raises(RELEDError, match=None) as info:

@@ -166,6 +166,10 @@ def load_device_config(path: Path) -> DeviceConfig:
         raise RELEDError(f"{path}: {exc}") from exc
     if len(config.signal.green_phases) < 2:
         raise RELEDError(f"{path}: [signal] green_phases needs at least 2 phases")
+    probation = config.probation
+    if not 0 <= probation.max_failures < probation.decisions:
+        raise RELEDError(f"{path}: [probation] max_failures = {probation.max_failures} must be below decisions = "
+                         f"{probation.decisions}, or a model that fails every decision would be committed")
     return config
 
 
