@@ -280,3 +280,12 @@ def test_the_outbox_keeps_its_write_ahead_log_small(tmp_path):
         largest = max(largest, wal.stat().st_size if wal.exists() else 0)
     assert 0 < largest < 1_500_000, largest
     assert outbox.recorded() == 4000 and outbox.pending_rows() == 4000
+
+
+def test_a_manifest_too_long_for_a_signed_command_is_refused_at_the_server():
+    from edge_runtime.fleet.server import MAX_CHUNKS, Model
+
+    model = Model(Path("big.onnx"), b"x" * (MAX_CHUNKS * 1024 + 1), "a" * 64, 1, "fp32", {"X": ["Gr", "rG"]})
+    with pytest.raises(RELEDError, match="use a larger --chunk-size"):
+        model.manifest("X", 1024, 60)
+    assert len(model.manifest("X", 65536, 60).chunks) == 47

@@ -42,6 +42,7 @@ from edge_runtime.protocol import (
 from edge_runtime.schema import CHUNK_REQUEST, COMMAND, EVENT, REPORTED, STATUS, Spec, validate
 
 SEQ_FILE = "server_seq.json"
+MAX_CHUNKS = 3000  # chunk hashes per manifest: the signed command stays well under JSON_LIMIT
 EVENTS_KEPT = 100  # per device: a chatty or hostile device cannot grow a long-running collector
 # what the server reads on each device topic (rollouts: the collector's, edge_runtime.rollouts.unpack)
 SCHEMAS: dict[str, Spec] = {"reported": REPORTED, "status": STATUS, "events": EVENT, "req/chunk": CHUNK_REQUEST,
@@ -91,6 +92,9 @@ class Model:
                              "export a policy trained on that intersection's scenario")
         chunks = tuple(sha256_bytes(self.data[i:i + chunk_size])
                        for i in range(0, len(self.data), chunk_size))
+        if len(chunks) > MAX_CHUNKS:  # each hash is ~67 bytes of the signed command, which devices bound
+            raise RELEDError(f"--chunk-size {chunk_size} cuts {self.path.name} into {len(chunks)} chunks; a manifest "
+                             f"lists at most {MAX_CHUNKS}: use a larger --chunk-size")
         return Manifest(sha256=self.sha256, size=len(self.data), chunk_size=chunk_size, chunks=chunks,
                         schema_version=SCHEMA_VERSION, intersection=intersection,
                         phase_table=tuple(self.phase_tables[intersection]), policy_version=self.policy_version,
