@@ -195,6 +195,7 @@ REPORTED = Obj({
 })
 STATUS = Obj({"online": Bool(), "device": DEVICE, "pid": Opt(COUNTER), "ts": Opt(TIME)})
 EVENT = Obj({"device": DEVICE, "kind": NAME, "detail": TEXT, "state": NAME, "ts": TIME})
+ACK = Obj({"epoch": COUNTER, "seq": COUNTER})  # the collector's acknowledgement of a rollout batch
 CHUNK_REQUEST = Obj({"sha256": SHA256, "chunks": List(Int(0, 2**31), 1024)})
 MANIFEST = Obj({
     "sha256": SHA256, "size": Int(1, 2**40), "chunk_size": Int(1, CHUNK_LIMIT), "chunks": List(SHA256, MAX_NODES),

@@ -33,6 +33,7 @@ from edge_runtime.features import PER_PHASE_FEATURES, action_mask, build_observa
 from edge_runtime.mqtt import BrokerAddress, Link, Message
 from edge_runtime.protocol import ProtocolError, decode_json, device_topic, encode
 from edge_runtime.rollouts import SOURCE_FALLBACK, SOURCE_POLICY
+from edge_runtime.schema import ACK, validate
 from edge_runtime.shield import SafetyShield, SignalState, Stage, clearance_state, transition_state
 
 log = logging.getLogger(__name__)
@@ -232,12 +233,9 @@ class DeviceDaemon:
         if topic == device_topic(self.id, "desired"):
             self.deployment.on_desired(message.payload)
         elif topic == device_topic(self.id, "rollouts/ack"):
-            ack = decode_json(message.payload)
-            epoch, seq = ack.get("epoch"), ack.get("seq")
-            if type(epoch) is not int or type(seq) is not int:
-                raise ProtocolError("an acknowledgement needs integer epoch and seq")
+            ack = validate(decode_json(message.payload), ACK)
             if self.outbox is not None:
-                self.outbox.ack(epoch, seq)
+                self.outbox.ack(ack["epoch"], ack["seq"])
         elif topic.startswith("reled/v1/models/"):
             self.deployment.on_chunk(topic, message.payload)
 

@@ -182,7 +182,8 @@ class Deployment:
             return
         kind = doc.get("kind")
         if self.state.state is DeployState.PROBATION and kind == "deploy":
-            if self.is_active(doc.get("manifest")):
+            manifest = doc.get("manifest") or {}  # COMMAND checked its fields
+            if self.is_active(manifest.get("sha256"), manifest.get("policy_version")):
                 self.state.desired_seq = seq  # the model on probation, sent again: probation goes on
                 self.save()
                 return
@@ -207,7 +208,7 @@ class Deployment:
         if problem:
             self.refuse(seq, f"manifest refused: {problem}")
             return
-        if self.is_active(manifest.to_dict()):
+        if self.is_active(manifest.sha256, manifest.policy_version):
             self.abandon_job()
             self.state.error = ""
             self.enter(DeployState.COMMITTED)  # already running it (and past probation): a repeated deploy confirms it
@@ -235,11 +236,10 @@ class Deployment:
                                   f"{len(manifest.chunks)} chunks)")
         self.link.subscribe(chunk_topic(manifest.sha256, "+"))
 
-    def is_active(self, raw_manifest: Any) -> bool:
-        """Whether a manifest names the model that is driving the signal now."""
+    def is_active(self, sha256: str | None, policy_version: int | None) -> bool:
+        """Whether this model is the one driving the signal now."""
         active = self.state.active
-        return active is not None and isinstance(raw_manifest, dict) and \
-            (raw_manifest.get("sha256"), raw_manifest.get("policy_version")) == (active.sha256, active.policy_version)
+        return active is not None and (sha256, policy_version) == (active.sha256, active.policy_version)
 
     def manifest_problem(self, m: Manifest) -> str | None:
         config = self.config

@@ -17,8 +17,8 @@ sits in the decision loop, so its cost must be measured, not assumed.
     .venv/bin/python tools/bench/edge_soak.py --seconds 60 --json out/soak.json
     # the same for older code: run it from that checkout (`python -m` puts the working directory first on
     # the path, so the daemons it starts run that checkout's code too)
-    git worktree add /tmp/before 1706f96 && cd /tmp/before && \\
-        PYTHONPATH=/tmp/before /work/main/.venv/bin/python /work/main/tools/bench/edge_soak.py
+    repo=$PWD && git worktree add /tmp/before 1706f96 && cd /tmp/before && \\
+        PYTHONPATH=/tmp/before $repo/.venv/bin/python $repo/tools/bench/edge_soak.py
 """
 
 from __future__ import annotations
