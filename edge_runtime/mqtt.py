@@ -7,6 +7,7 @@ a broker restart forgets them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import socket
@@ -71,6 +72,13 @@ class Inbox(queue.Queue[Message]):
         return True
 
 
+def _no_delay(client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
+    """Send small messages at once: with Nagle's algorithm a second message waits for the peer's delayed ACK of
+    the first (40 ms on Linux), which a hardware-in-the-loop decision cannot afford."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class Link:
     """A connected client; ``on_connect`` callbacks run in paho's thread after subscriptions are renewed."""
 
@@ -92,6 +100,7 @@ class Link:
         client.on_connect = self._connected
         client.on_disconnect = self._disconnected
         client.on_message = self._message
+        client.on_socket_open = _no_delay
         self.client = client
 
     def connect(self) -> None:

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from edge_runtime.features import MAX_PHASES
 from edge_runtime.protocol import CHUNK_LIMIT, DEVICE_ID, MAX_NODES, ProtocolError
 
 COUNTER_MAX = 2**63 - 1  # counters, seqs and versions: what a signed 64-bit field holds
@@ -192,6 +193,7 @@ REPORTED = Obj({
                     "chunks_total": COUNTER, "probation_decisions": Opt(COUNTER),
                     "probation_needed": Opt(COUNTER)})),
     "decided": Opt(COUNTER), "faults": Opt(Map(NAME, COUNTER)), "newest_issued": Opt(TIME),
+    "hil": Opt(Map(NAME, COUNTER)),
 })
 STATUS = Obj({"online": Bool(), "device": DEVICE, "pid": Opt(COUNTER), "ts": Opt(TIME)})
 EVENT = Obj({"device": DEVICE, "kind": NAME, "detail": TEXT, "state": NAME, "ts": TIME})
@@ -204,3 +206,15 @@ MANIFEST = Obj({
 })
 COMMAND = Obj({"kind": Str(16, choices=frozenset({"deploy", "rollback"})), "device": DEVICE, "seq": COUNTER,
                "issued": TIME, "manifest": Opt(MANIFEST)})
+
+# hardware-in-the-loop (`reled hil run`): the plant's request to a device, and the device's answer
+RUN_ID = Str(64, DEVICE_ID)
+PHASE = Int(0, MAX_PHASES - 1)
+SHOWN = Obj({"stage": Int(0, 2), "phase": PHASE, "target": PHASE, "since": Float(0.0), "clearing": Bool()})
+HIL_OBS = Obj({"run": RUN_ID, "seq": COUNTER, "t": Float(0.0), "until": Float(0.0),
+               "per_phase": List(List(Float(0.0), 3), MAX_PHASES), "shown": SHOWN})
+LINKS = Str(1024, re.compile(r"^[GgyYrRuoOs]*$"))  # SUMO link states
+HIL_ACT = Obj({"run": RUN_ID, "seq": COUNTER, "t": Float(0.0), "action": PHASE, "source": Int(0, 1),
+               "override": Bool(), "resync": Bool(),
+               "states": List(Obj({"stage": Int(0, 2), "phase": PHASE, "target": PHASE, "since": Float(0.0),
+                                   "links": LINKS}), 64)})

@@ -89,6 +89,15 @@ class SafetyShield:
             self._request, self._request_time = phase, now
         return self.advance(now)
 
+    def sync(self, state: SignalState, clearing: bool = False) -> None:
+        """Take over what the heads show, as a signal monitor reads it back (hardware-in-the-loop: the plant ran
+        its fallback while this controller was away). A pending proposal is dropped."""
+        if not (0 <= state.phase < self.n_phases and 0 <= state.target < self.n_phases):
+            raise ValueError(f"shown phases {state.phase}/{state.target} outside 0..{self.n_phases - 1}")
+        self.state = state
+        self.clearing = clearing and state.stage is not Stage.GREEN
+        self._request, self._request_time = None, state.since
+
     def green_elapsed(self, now: float) -> float:
         """Seconds the current green has been shown (0 while changing)."""
         return now - self.state.since if self.state.stage is Stage.GREEN else 0.0
@@ -128,6 +137,14 @@ class SafetyShield:
         if s.stage is Stage.YELLOW and self.timing.all_red > 0:
             return SignalState(Stage.ALL_RED, s.phase, s.target, at)
         return SignalState(Stage.GREEN, s.target, s.target, at)
+
+
+def fixed_time_choice(shield: SafetyShield, now: float, green_seconds: float) -> int:
+    """The fixed-time plan a controller falls back to: each green for ``green_seconds``, in phase order."""
+    s = shield.state
+    if s.stage is Stage.GREEN and shield.green_elapsed(now) >= green_seconds:
+        return (s.phase + 1) % shield.n_phases
+    return s.green_phase
 
 
 def clearance_state(greens: tuple[str, ...], stage: Stage) -> str:

@@ -290,13 +290,17 @@ class TrafficSignalEnv(ParallelEnv):
         set_state = self.api.trafficlight.setRedYellowGreenState
         for k in range(len(self.intersections)) if which is None else which:
             inter, shield_state = self.intersections[k], self.shields[k].state
-            state = inter.state_string(shield_state)
+            state = self._signal_string(k)
             if state != self._shown[k]:
                 set_state(inter.tls_id, state)
                 self._shown[k] = state
             self._green_phase[k] = shield_state.green_phase
             self._green[k] = shield_state.stage is Stage.GREEN
             self._green_since[k] = shield_state.since
+
+    def _signal_string(self, k: int) -> str:
+        """The SUMO link states light ``k`` shows (a hardware-in-the-loop plant shows what its controller sent)."""
+        return self.intersections[k].state_string(self.shields[k].state)
 
     def _finish_episode(self, infos: dict[str, dict]) -> None:
         self.sim.close()

@@ -3,8 +3,8 @@
 The daemon talks to a :class:`Sensor` and an :class:`Actuator` only. Here: a replay sensor that plays
 recorded per-phase detector readings (any ``.npz`` with a ``per_phase`` array [T, n_phases, 3] of
 queued, approaching, longest wait; ``edge_runtime.fleet.local.synthetic_replay`` writes one) and an
-actuator that logs every signal state it is told to show. Cabinet I/O (NTCIP, GPIO) and the
-hardware-in-the-loop bridge plug in here.
+actuator that logs every signal state it is told to show. The hardware-in-the-loop adapter ("hil", sensor
+and actuator at once) is :mod:`edge_runtime.device.hil`; cabinet I/O (NTCIP, GPIO) plugs in here.
 """
 
 from __future__ import annotations
@@ -74,10 +74,10 @@ class LogActuator:
 def make_sensor(adapter: str, path: Path | None, n_phases: int) -> Sensor:
     if adapter == "replay":
         return ReplaySensor(path, n_phases)
-    raise RELEDError(f"unknown [sensor] adapter {adapter!r}: this build has 'replay'")
+    raise RELEDError(f"unknown [sensor] adapter {adapter!r}: this build has 'replay' and 'hil'")
 
 
 def make_actuator(adapter: str, path: Path | None) -> Actuator:
     if adapter == "log":
         return LogActuator(path)
-    raise RELEDError(f"unknown [actuator] adapter {adapter!r}: this build has 'log'")
+    raise RELEDError(f"unknown [actuator] adapter {adapter!r}: this build has 'log' and 'hil'")

@@ -28,13 +28,21 @@ from edge_runtime.credentials import read_password
 from edge_runtime.device.adapters import make_actuator, make_sensor
 from edge_runtime.device.deployment import Deployment
 from edge_runtime.device.device_config import DeviceConfig
+from edge_runtime.device.hil import HilBridge, PlantClock
 from edge_runtime.device.outbox import Outbox
 from edge_runtime.features import PER_PHASE_FEATURES, action_mask, build_observation
 from edge_runtime.mqtt import BrokerAddress, Link, Message
 from edge_runtime.protocol import ProtocolError, decode_json, device_topic, encode
 from edge_runtime.rollouts import SOURCE_FALLBACK, SOURCE_POLICY
 from edge_runtime.schema import ACK, validate
-from edge_runtime.shield import SafetyShield, SignalState, Stage, clearance_state, transition_state
+from edge_runtime.shield import (
+    SafetyShield,
+    SignalState,
+    Stage,
+    clearance_state,
+    fixed_time_choice,
+    transition_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +125,10 @@ class DeviceDaemon:
         self.greens = tuple(config.signal.green_phases)
         self.mask = action_mask(len(self.greens))
         self.shield = SafetyShield(len(self.greens), config.signal.timing, clear_first=True)
-        self.sensor = make_sensor(config.sensor.adapter, config.sensor.file, len(self.greens))
-        self.actuator = make_actuator(config.actuator.adapter, config.actuator.file)
         self.outbox_path = root / "outbox.sqlite"
         self.outbox: Outbox | None = None
         self.outbox_tried = -REOPEN_EVERY
         self.decisions = 0  # decisions made by this process (recorded or not)
-        self.clock = Clock(config.runtime.speed)
         self.reconnected = threading.Event()
         self.stop_event = threading.Event()
         self.last_report = 0.0
@@ -132,12 +137,17 @@ class DeviceDaemon:
         address = BrokerAddress(config.broker.host, config.broker.port, config.username,
                                 read_password(config.broker.password_file),
                                 str(config.broker.ca_file) if config.broker.ca_file else None)
-        self.link = Link(address, f"reled-{self.id}",
-                         [device_topic(self.id, "desired"), device_topic(self.id, "rollouts/ack")],
+        topics = ["desired", "rollouts/ack", *(["hil/obs"] if config.hil else [])]
+        self.link = Link(address, f"reled-{self.id}", [device_topic(self.id, leaf) for leaf in topics],
                          will=(device_topic(self.id, "status"), encode({"online": False, "device": self.id})),
                          on_connect=self.reconnected.set)
         self.deployment = Deployment(config, self.link, on_change=lambda: self.report(force=True))
         self.faults = Faults(self.deployment.event)
+        # the street's detectors and heads, or a simulation's over MQTT (hardware-in-the-loop)
+        self.hil = HilBridge(self.link, self.id, len(self.greens)) if config.hil else None
+        self.sensor = self.hil or make_sensor(config.sensor.adapter, config.sensor.file, len(self.greens))
+        self.actuator = self.hil or make_actuator(config.actuator.adapter, config.actuator.file)
+        self.clock: Clock | PlantClock = self.hil.clock if self.hil else Clock(config.runtime.speed)
 
     def guarded(self, kind: str, step: Callable[..., T], *args: Any) -> T | None:
         """Run one step that must not stop the signal; a failure is a counted fault."""
@@ -174,13 +184,16 @@ class DeviceDaemon:
                 self.drain(self.clock.wall_until(next_decision))
                 if self.reconnected.is_set():
                     self.guarded("report", self.on_reconnect)
-                now = self.clock.now()
-                for state in self.shield.advance(now):
-                    self.show(state)
-                if now >= next_decision:
-                    next_decision += self.config.runtime.decision_seconds
-                    if not self.limit_reached():
-                        self.decide(now)
+                if self.hil is not None:
+                    self.hil_step(self.hil)
+                else:
+                    now = self.clock.now()
+                    for state in self.shield.advance(now):
+                        self.show(state)
+                    if now >= next_decision:
+                        next_decision += self.config.runtime.decision_seconds
+                        if not self.limit_reached():
+                            self.decide(now)
                 self.guarded("deployment", self.deployment.download_step)
                 self.rollouts_step()
                 if time.monotonic() - self.last_report >= REPORT_EVERY:
@@ -238,6 +251,8 @@ class DeviceDaemon:
                 self.outbox.ack(ack["epoch"], ack["seq"])
         elif topic.startswith("reled/v1/models/"):
             self.deployment.on_chunk(topic, message.payload)
+        elif self.hil is not None and topic == self.hil.topic:
+            self.hil.on_obs(message.payload)
 
     def on_reconnect(self) -> None:
         self.reconnected.clear()
@@ -257,6 +272,8 @@ class DeviceDaemon:
         body = {"device": self.id, "intersection": self.config.device.intersection, **self.deployment.report(),
                 "mode": "policy" if self.last_source == SOURCE_POLICY else "fallback", "decided": self.decisions,
                 "faults": dict(self.faults.counts), "ts": time.time()}
+        if self.hil is not None:
+            body["hil"] = {"resyncs": self.hil.resyncs, "superseded": self.hil.superseded}
         if self.outbox is not None:  # not while it cannot be opened (a full disk)
             body.update(decisions=self.outbox.recorded(), outbox_rows=self.outbox.pending_rows())
         self.link.publish(device_topic(self.id, "reported"), encode(body), retain=True)
@@ -268,12 +285,25 @@ class DeviceDaemon:
         self.guarded("actuator", self.actuator.show, self.clock.now(), state, links)
 
     def fixed_time_choice(self, now: float) -> int:
-        s = self.shield.state
-        if s.stage is Stage.GREEN and self.shield.green_elapsed(now) >= self.config.signal.fallback_green:
-            return (s.phase + 1) % len(self.greens)
-        return s.green_phase
+        return fixed_time_choice(self.shield, now, self.config.signal.fallback_green)
 
-    def decide(self, now: float) -> None:
+    def hil_step(self, hil: HilBridge) -> None:
+        """Answer the plant's newest request: start from what its heads show, decide at its time, and send every
+        state the shield enters until its next request."""
+        request = hil.take()
+        if request is None:
+            return
+        resync = bool(self.guarded("hil", hil.align, self.shield, request))
+        for state in self.shield.advance(request.t):
+            self.show(state)
+        action, source, override = self.decide(request.t)
+        for state in self.shield.advance(hil.plan_until(request)):
+            self.show(state)
+        self.guarded("hil", hil.answer, action, source, override, resync)
+
+    def decide(self, now: float) -> tuple[int, int, bool]:
+        """One decision: the policy's phase (or the fixed-time plan's) through the shield, recorded in the outbox.
+        Returns the phase proposed, its source and whether the shield overrode it."""
         deployment = self.deployment
         self.decisions += 1
         if self.shield.state.stage is Stage.GREEN:
@@ -281,10 +311,11 @@ class DeviceDaemon:
         reading = self.guarded("sensor", self.sensor.read)
         shield = self.shield
         if reading is None:  # no detectors: the fixed-time plan, nothing to record
-            for state in shield.propose(self.fixed_time_choice(now), now):
+            action = self.fixed_time_choice(now)
+            for state in shield.propose(action, now):
                 self.show(state)
             self.last_source = SOURCE_FALLBACK
-            return
+            return action, SOURCE_FALLBACK, shield.state.green_phase != action
         obs = build_observation(reading, shield.state.green_phase, shield.green_elapsed(now),
                                 shield.min_green_met(now))
         action, log_prob, source = self.fixed_time_choice(now), 0.0, SOURCE_FALLBACK
@@ -308,14 +339,16 @@ class DeviceDaemon:
         for state in shield.propose(action, now):
             self.show(state)
         self.last_source = source
+        override = shield.state.green_phase != action
         active = deployment.state.active
         version = active.policy_version if active and source == SOURCE_POLICY else 0
         outbox = self.open_outbox()
         if outbox is None:
             self.faults.fault("outbox_write", "no outbox (it could not be opened): decision not recorded")
-            return
-        self.guarded("outbox_write", outbox.add, now, obs, self.mask, action, log_prob,
-                     shield.state.green_phase != action, -float(reading[:, QUEUE_COLUMN].sum()), source, version)
+        else:
+            self.guarded("outbox_write", outbox.add, now, obs, self.mask, action, log_prob, override,
+                         -float(reading[:, QUEUE_COLUMN].sum()), source, version)
+        return action, source, override
 
     def rollouts_step(self) -> None:
         if self.outbox is not None:

@@ -71,15 +71,18 @@ class RuntimeSection:
     max_decisions: int = 0  # stop deciding after this many recorded decisions (0: never)
 
 
+HIL_ADAPTER = "hil"  # sensor and actuator together: a simulation over MQTT (edge_runtime.device.hil)
+
+
 @dataclass(frozen=True)
 class SensorSection:
-    adapter: str = "replay"
+    adapter: str = "replay"  # replay | hil
     file: Path | None = None
 
 
 @dataclass(frozen=True)
 class ActuatorSection:
-    adapter: str = "log"
+    adapter: str = "log"  # log | hil
     file: Path | None = None
 
 
@@ -129,6 +132,11 @@ class DeviceConfig:
     def username(self) -> str:
         return self.broker.username or self.device.id
 
+    @property
+    def hil(self) -> bool:
+        """Hardware-in-the-loop: detectors and heads are a simulation's, over MQTT (`reled hil run`)."""
+        return self.sensor.adapter == HIL_ADAPTER
+
 
 _TYPES = {"device": DeviceSection, "signal": SignalSection, "broker": BrokerSection, "security": SecuritySection,
           "inference": InferenceSection, "runtime": RuntimeSection, "sensor": SensorSection,
@@ -166,6 +174,9 @@ def load_device_config(path: Path) -> DeviceConfig:
         raise RELEDError(f"{path}: {exc}") from exc
     if len(config.signal.green_phases) < 2:
         raise RELEDError(f"{path}: [signal] green_phases needs at least 2 phases")
+    if (config.sensor.adapter == HIL_ADAPTER) != (config.actuator.adapter == HIL_ADAPTER):
+        raise RELEDError(f"{path}: [sensor] and [actuator] adapter must both be {HIL_ADAPTER!r} or neither "
+                         "(hardware-in-the-loop replaces both)")
     probation = config.probation
     if not 0 <= probation.max_failures < probation.decisions:
         raise RELEDError(f"{path}: [probation] max_failures = {probation.max_failures} must be below decisions = "

@@ -48,7 +48,8 @@ def eval_command(
                                                         + default_note("fixed, unless --policy is given"))]
     = None,
     policy: Annotated[list[Path] | None, typer.Option(help="Trained policy checkpoint (runs/NAME/best.pt or "
-                                                           "latest.pt); repeatable.")] = None,
+                                                           "latest.pt) or exported model (.onnx, run by ONNX "
+                                                           "Runtime as on a controller); repeatable.")] = None,
     zero_shot: Annotated[bool, typer.Option("--zero-shot", help="Run --policy on a scenario it was not trained on "
                                                                 "(the shared actor fits any number of lights); "
                                                                 "labelled 'zero-shot from' its own.")] = False,
@@ -92,10 +93,12 @@ def eval_command(
     sumo_home()
     policies = []
     if policy:
+        from trainer.controllers.onnx_policy import OnnxController
         from trainer.marl.policy import load_policy_controller
 
-        policies = [load_policy_controller(path, resolved, env_config, zero_shot) for path in policy]
-        controllers += policies
+        policies = [load_policy_controller(path, resolved, env_config, zero_shot) for path in policy
+                    if path.suffix != ".onnx"]
+        controllers += policies + [OnnxController(path) for path in policy if path.suffix == ".onnx"]
     llm_backend = None
     if "llm" in names:
         from trainer.sed.experts import make_expert

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.logging import RichHandler
 
-from trainer.cli import demos, evaluate, export, scenarios, train
+from trainer.cli import demos, evaluate, export, hil, scenarios, train
 from trainer.cli.common import err_console, user_errors
 from trainer.cli.options import SettingsCommand, with_option_groups
 
@@ -50,3 +50,6 @@ command(scenario_group, "import", scenarios.import_command)
 demos_group = group(app, "demos", "LLM expert demonstrations (SED): generate them, inspect them.")
 command(demos_group, "generate", demos.generate_command)
 command(demos_group, "show", demos.show_command)
+
+hil_group = group(app, "hil", "Hardware-in-the-loop: a fleet's controllers drive a SUMO city over MQTT.")
+command(hil_group, "run", hil.run_command)

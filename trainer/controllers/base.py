@@ -13,7 +13,7 @@ import numpy as np
 
 from edge_runtime.errors import RELEDError
 from edge_runtime.features import APPROACHING_AT, MAX_PHASES, QUEUE_AT
-from trainer.rollout import Decision, Observations
+from trainer.rollout import Decision, Observations, stack_observations
 
 
 class Controller:
@@ -40,6 +40,14 @@ class Controller:
 
     def close(self) -> None:
         """Release what the controller holds (worker processes, files); called once it is done."""
+
+
+class StackedController(Controller):
+    """A controller that works on the stacked arrays (one batched call for every light): ``act`` stacks them."""
+
+    def act(self, observations: Observations, infos: dict[str, dict[str, Any]]) -> dict[str, int]:
+        obs, masks = stack_observations(observations, list(observations))
+        return self.decide(Decision(observations, infos, obs, masks))
 
 
 def _masked_argmax(scores: np.ndarray, mask: np.ndarray) -> int:

@@ -1,0 +1,87 @@
+"""A HIL run's report as people read it: a rich table per device, the traffic line, JSON and a timeline plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+
+from edge_runtime.fileio import atomic_write_text
+from trainer.hil.run import HilReport
+from trainer.plots import plt, save_figure
+from trainer.sim.metrics import METRIC_LABELS
+
+DEVICE_COLUMNS = {"light": "light", "answered": "answered", "missing": "missing", "late": "late",
+                  "invalid": "invalid", "device_fallback": "device fallback", "overrides": "shield overrides",
+                  "resyncs": "resyncs", "rtt_p50_ms": "RTT p50 (ms)", "rtt_p99_ms": "RTT p99 (ms)"}
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.1f}"
+    return str(value)
+
+
+def device_table(report: HilReport) -> Table:
+    table = Table(title=f"HIL {report.settings['scenario']} ({report.settings['demand']}, seed "
+                        f"{report.settings['seed']}): {report.decisions} decisions, speed {report.settings['speed']}")
+    table.add_column("device")
+    for label in DEVICE_COLUMNS.values():
+        table.add_column(label, justify="right")
+    for device, row in report.devices.items():
+        table.add_row(device, *(_fmt(row[key]) for key in DEVICE_COLUMNS))
+    return table
+
+
+def summary_lines(report: HilReport) -> list[str]:
+    m = report.metrics
+    traffic = ", ".join(f"{METRIC_LABELS[k]} {_fmt(float(m[k]))}" for k in METRIC_LABELS if k in m)
+    worst = max((d["rtt_p99_ms"] for d in report.devices.values() if not math.isnan(d["rtt_p99_ms"])),
+                default=math.nan)
+    lines = [f"traffic: {traffic}",
+             f"safety: {report.total_violations} violations found by the independent audit"
+             + (f" {report.violations}" if report.violations else ""),
+             f"timing: worst device RTT p99 {worst:.1f} ms; lag behind schedule p50 "
+             f"{report.lag_ms['p50']:.1f} ms, p99 {report.lag_ms['p99']:.1f} ms, max {report.lag_ms['max']:.1f} ms; "
+             f"{report.decisions} decisions in {report.wall_seconds:.1f} s wall",
+             f"faults: {len(report.events)} event(s)"]
+    lines += [f"  {e['device']} {e['kind']} from t={e['first_t']:.0f} to t={e['last_t']:.0f} "
+              f"({e['decisions']} decisions): {e['detail']}" for e in report.events[:20]]
+    if report.undriven:
+        lines.append(f"no device for {len(report.undriven)} light(s), run by the fixed-time plan: "
+                     + ", ".join(report.undriven[:8]))
+    return lines
+
+
+def write_report(report: HilReport, folder: Path) -> tuple[Path, Path]:
+    """``hil_report.json`` and ``hil_timeline.png`` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "hil_report.json"
+    atomic_write_text(path, json.dumps(report.as_dict(), indent=1, default=float))
+    return path, timeline_plot(report, folder / "hil_timeline.png")
+
+
+def timeline_plot(report: HilReport, path: Path) -> Path:
+    """Round-trip times and lag (top) over the congestion (bottom), with the decisions that fell back marked."""
+    line = report.timeline
+    t = (np.array(line["t"]) - line["t"][0]) / 60 if line["t"] else np.zeros(0)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
+    top.plot(t, line["rtt_max_ms"], ".", ms=3, label="slowest device's round trip (ms)")
+    top.plot(t, line["lag_ms"], "-", lw=1, label="lag behind schedule (ms)")
+    top.axhline(report.settings["deadline_ms"], color="grey", ls="--", lw=1, label="deadline")
+    top.set_yscale("symlog", linthresh=1)
+    top.set_ylabel("ms")
+    top.legend(fontsize=8, loc="upper right")
+    bottom.plot(t, line["queued"], color="#C44E52", lw=1, label="queued vehicles at controlled lights")
+    fell_back = np.array(line["fallbacks"]) > 0
+    if fell_back.any():
+        bottom.plot(t[fell_back], np.array(line["queued"])[fell_back], "kx", ms=4, label="a light fell back")
+    bottom.set_xlabel("simulated minutes")
+    bottom.set_ylabel("vehicles")
+    bottom.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"HIL {report.settings['scenario']}: delay {report.metrics['avg_delay']:.1f} s, "
+                 f"{report.total_violations} safety violations")
+    return save_figure(fig, path)
