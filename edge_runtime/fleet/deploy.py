@@ -18,6 +18,7 @@ from edge_runtime.errors import RELEDError
 from edge_runtime.fleet.server import Model, ServerLink
 
 DONE, FAILED, PENDING = "committed", "failed", "pending"
+STAGED_DONE = "staged"  # the deploy's goal for a hardware-in-the-loop device: it commits during the next HIL run
 
 
 @dataclass
@@ -47,8 +48,8 @@ def select_devices(fleet: dict[str, DeviceConfig], devices: list[str], group: st
     return [fleet[d] for d in devices]
 
 
-def judge(target: Target, model: Model, reported: dict[str, Any] | None) -> None:
-    """Update a target from the device's retained report."""
+def judge(target: Target, model: Model, reported: dict[str, Any] | None, until_staged: bool = False) -> None:
+    """Update a target from the device's retained report (``until_staged``: a verified, staged model is enough)."""
     if reported is None or target.outcome != PENDING:
         return
     active = reported.get("active") or {}
@@ -57,6 +58,9 @@ def judge(target: Target, model: Model, reported: dict[str, Any] | None) -> None
         target.outcome, target.detail = FAILED, "superseded by a newer command"
     elif active.get("sha256") == model.sha256 and state == DeployState.COMMITTED:
         target.outcome, target.detail = DONE, f"policy v{model.policy_version} committed"
+    elif until_staged and state == DeployState.STAGED and (reported.get("job") or {}).get("sha256") == model.sha256:
+        target.outcome, target.detail = STAGED_DONE, f"policy v{model.policy_version} staged: swapped in and " \
+            "judged on probation at its next decisions"
     elif reported.get("error_seq") == target.seq and reported.get("error") and \
             state not in IN_PROGRESS:
         target.outcome, target.detail = FAILED, reported["error"]
@@ -75,8 +79,10 @@ def judge(target: Target, model: Model, reported: dict[str, Any] | None) -> None
 
 def deploy(server: ServerLink, model: Model, configs: list[DeviceConfig], canary: int = 0, chunk_size: int = 65536,
            expires_in: float = 86400.0, timeout: float = 600.0,
-           on_progress: Callable[[list[Target]], None] | None = None) -> list[Target]:
-    """Deploy ``model`` to ``configs`` (canaries first); returns every target's outcome.
+           on_progress: Callable[[list[Target]], None] | None = None, until_staged: bool = False) -> list[Target]:
+    """Deploy ``model`` to ``configs`` (canaries first); returns every target's outcome. ``until_staged``: done once
+    the model is verified and staged (hardware-in-the-loop devices decide only while a HIL run drives them, so
+    their probation, and the commit, happen during the next run).
 
     ``timeout`` bounds the time without progress (a chunk, a state, a probation decision), not the whole deploy:
     a model crawling over a slow link still arrives, a device that stopped answering is given up."""
@@ -100,7 +106,7 @@ def deploy(server: ServerLink, model: Model, configs: list[DeviceConfig], canary
             invalid = server.invalid
             for t in wave:
                 before = t.progress
-                judge(t, model, server.reported.get(t.device))
+                judge(t, model, server.reported.get(t.device), until_staged)
                 if t.progress != before:
                     deadline = time.monotonic() + timeout
                 if t.outcome == PENDING and t.device in invalid:

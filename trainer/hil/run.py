@@ -88,7 +88,7 @@ class HilReport:
     lag_ms: dict[str, float]
     violations: dict[str, dict[str, int]]  # light -> kind -> count (the independent audit)
     events: list[dict[str, Any]]
-    timeline: dict[str, list[float]]  # per decision: t, queued, lag_ms, rtt_max_ms, fallbacks
+    timeline: dict[str, list[float]]  # per decision: t, wall_s, queued, lag_ms, rtt_max_ms, answered, fallbacks
 
     @property
     def total_violations(self) -> int:
@@ -110,8 +110,8 @@ class Tracker:
         self.open: dict[str, Streak] = {}
         self.events: list[Streak] = []
         self.dropped_events = 0
-        self.timeline: dict[str, list[float]] = {"t": [], "queued": [], "lag_ms": [], "rtt_max_ms": [],
-                                                 "fallbacks": []}
+        self.timeline: dict[str, list[float]] = {"t": [], "wall_s": [], "queued": [], "lag_ms": [],
+                                                 "rtt_max_ms": [], "answered": [], "fallbacks": []}
 
     def answered(self, device: str, answer: Answer) -> None:
         tally, doc = self.tallies[device], answer.document
@@ -209,6 +209,8 @@ def _drive(plant: HilPlant, link: PlantLink, devices: dict[str, str], settings: 
         rtts = [a.rtt for a in answers.values()]
         timeline = tracker.timeline
         timeline["t"].append(t)
+        timeline["wall_s"].append(time.perf_counter() - start)
+        timeline["answered"].append(len(lights) - fallbacks)
         timeline["queued"].append(plant.queued())
         timeline["lag_ms"].append(lag * 1000)
         timeline["rtt_max_ms"].append(max(rtts) * 1000 if rtts else float("nan"))
