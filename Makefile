@@ -38,7 +38,9 @@ demo: install
 		--json $(OUT)/demo_cologne8.json --plot $(OUT)/demo_cologne8.png
 	$(BIN)/reled export --run $(OUT)/runs/demo-reled-cologne8 --out $(OUT)/policy.onnx --int8
 	rm -rf $(OUT)/fleet
-	$(BIN)/reled-edge fleet up --policy $(OUT)/policy.onnx --devices 3 --dir $(OUT)/fleet --deploy
+	$(BIN)/reled-edge fleet up --model $(OUT)/policy.onnx --devices 3 --dir $(OUT)/fleet --replay
+	$(BIN)/reled-edge status --keys $(OUT)/fleet/keys --broker-dir $(OUT)/fleet/broker
+	$(BIN)/reled-edge fleet down --dir $(OUT)/fleet
 
 test: install
 	$(BIN)/ruff check .

@@ -112,13 +112,17 @@ def broker_start(
     server_port: Annotated[int | None, typer.Option(help="Port of the fleet tools' listener (reled-server only) "
                                                          "\\[default: the TLS port + 1 with --tls-port, else "
                                                          "--port + 1]")] = None,
+    device_host: Annotated[list[str] | None, typer.Option(help="Another address the device listeners (not the fleet "
+                                                               "tools') listen on (repeatable; `fleet up --netem` "
+                                                               "gives each namespace's link).")] = None,
 ) -> None:
     """Start Mosquitto: no anonymous access, one user per device, each device limited to its own topics and
     its user name as client id; the fleet tools connect to a listener of their own."""
     from edge_runtime.fleet import broker
     from edge_runtime.keys import KeyFolder
 
-    info = broker.start(dir, KeyFolder(keys), host, port, tls_port, server_port, tls_only, list(tls_name or []))
+    info = broker.start(dir, KeyFolder(keys), host, port, tls_port, server_port, tls_only, list(tls_name or []),
+                        device_hosts=list(device_host or []))
     plain = f"devices on {info.port}, " if info.port is not None else ""
     tls = f"devices over TLS on {info.tls_port} (CA {info.ca_file}), " if info.tls_port is not None else ""
     console.print(f"mosquitto running on {info.host}: {plain}{tls}fleet tools on {info.server_port}; pid {info.pid}, "
@@ -159,6 +163,8 @@ def deploy(
     timeout: Annotated[float, typer.Option(help="Give a device up after this many seconds without progress (a "
                                                 "chunk, a state, a probation decision); run the same deploy again "
                                                 "later and the download resumes.")] = 600.0,
+    until: Annotated[str, typer.Option(help="committed, or staged: done once verified and staged (hardware-in-the-"
+                                            "loop devices commit during the next `reled hil run`).")] = "committed",
     devices: DevicesOption = DEFAULT_DEVICES,
     keys: KeysOption = DEFAULT_KEYS,
     broker_dir: BrokerDirOption = DEFAULT_BROKER_DIR,
@@ -168,10 +174,12 @@ def deploy(
     """Sign a manifest per device, publish it as the retained desired state, serve the chunks the devices ask
     for, and wait until each reports COMMITTED (or print why it did not). Exit code 1 if any failed."""
     from edge_runtime.device.device_config import device_files
-    from edge_runtime.fleet.deploy import DONE, select_devices
+    from edge_runtime.fleet.deploy import DONE, STAGED_DONE, select_devices
     from edge_runtime.fleet.deploy import deploy as run_deploy
     from edge_runtime.fleet.server import Model
 
+    if until not in (DONE, STAGED_DONE):
+        raise RELEDError(f"--until {until!r}: choose committed or staged")
     targets_cfg = select_devices(device_files(devices), list(device or []), group)
     policy = Model.load(model)
     server = _server(keys, broker_dir, host, port, "deploy")
@@ -190,13 +198,13 @@ def deploy(
     try:
         with Live(console=console, refresh_per_second=4, transient=not console.is_terminal) as live:
             results = run_deploy(server, policy, targets_cfg, canary, chunk_size, expires_hours * 3600, timeout,
-                                 on_progress=lambda ts: live.update(table(ts)))
+                                 on_progress=lambda ts: live.update(table(ts)), until_staged=until == STAGED_DONE)
     finally:
         server.close()
     console.print(table(results))
-    done = sum(r.outcome == DONE for r in results)
+    done = sum(r.outcome == until for r in results)
     refused = f", {server.chunks.refused} chunk requests refused" if server.chunks.refused else ""
-    console.print(f"{done}/{len(results)} committed in {time.monotonic() - start:.1f} s, "
+    console.print(f"{done}/{len(results)} {until} in {time.monotonic() - start:.1f} s, "
                   f"{server.chunks.served} chunks served{refused}")
     if done < len(results):
         raise typer.Exit(1)
@@ -333,17 +341,72 @@ def daemon(
 @fleet_app.command("up")
 @user_errors
 def fleet_up(
-    policy: Annotated[Path, typer.Option(help="An ONNX policy from `reled export`.")],
-    dir: Annotated[Path, typer.Option("--dir", help="Where keys, broker and device state go.")],
-    devices: Annotated[int, typer.Option(help="Controllers to start (one per light of the policy).")] = 3,
-    deploy: Annotated[bool, typer.Option("--deploy", help="Deploy --policy to every controller, print the fleet's "
-                                                          "status and stop (instead of waiting).")] = False,
+    dir: Annotated[Path, typer.Option("--dir", help="The fleet's folder: keys, broker, device files and state, "
+                                                    "rollouts, logs and fleet.json.")],
+    model: Annotated[Path | None, typer.Option(help="An ONNX policy from `reled export` (required).",
+                                               show_default=False)] = None,
+    policy: Annotated[Path | None, typer.Option(hidden=True, help="Old name of --model.")] = None,
+    scenario: Annotated[str | None, typer.Option(help="Refuse a model exported for another scenario.")] = None,
+    devices: Annotated[int | None, typer.Option(min=1, help="Controllers to start, one per light of the model, in "
+                                                            "its order \\[default: every light]")] = None,
+    hil: Annotated[bool, typer.Option("--hil/--replay", help="--hil: the controllers' detectors, heads and clock are "
+                                                             "a simulation's (`reled hil run --fleet DIR`); --replay: "
+                                                             "synthetic detector data, 10x faster than real time.")]
+    = True,
+    collect: Annotated[bool, typer.Option("--collect/--no-collect", help="Run `reled-edge collect --out "
+                                                                         "DIR/rollouts` with the fleet.")] = True,
+    netns: Annotated[bool, typer.Option("--netns", help="Put every controller in a network namespace of its own, "
+                                                        "reaching the broker over a veth pair (needs root).")]
+    = False,
+    netem: Annotated[str | None, typer.Option(help="Impair each of those links with this netem spec, applied both "
+                                                   "ways, e.g. 'delay 20ms loss 1%' (implies --netns; needs the "
+                                                   "kernel's netem).")] = None,
+    deploy: Annotated[bool, typer.Option("--deploy/--no-deploy", help="Deploy the model to every controller and "
+                                                                      "wait for it (--replay: COMMITTED; --hil: "
+                                                                      "staged until the simulation decides).")]
+    = True,
+    foreground: Annotated[bool, typer.Option("--foreground", help="Stay until Ctrl-C or SIGTERM, then stop the "
+                                                                  "fleet (default: return, leaving it running).")]
+    = False,
 ) -> None:
-    """Start Mosquitto and one controller daemon per light of the policy, replaying synthetic detector data 10x
-    faster than real time, and leave them running until Ctrl-C (devices dev0, dev1, ... in group `local`; try
-    `reled-edge deploy --keys DIR/keys --broker-dir DIR/broker --devices DIR/devices --group local`)."""
-    from edge_runtime.fleet.local import up
+    """Start a fleet on this machine and return, leaving it running: keys, Mosquitto, one controller daemon per
+    light of the model (devices dev0, dev1, ... in group `local`, timed as the model was trained), the rollout
+    collector, and the model deployed. `reled-edge fleet down --dir DIR` stops it."""
+    from edge_runtime.fleet.local import UpRequest, down, interrupt_on_sigterm, up, wait_for_stop
 
-    code = up(policy, devices, dir, deploy)
-    if code:
-        raise typer.Exit(code)
+    model = model or policy
+    if model is None:
+        raise RELEDError("give the policy to run: --model policy.onnx (from `reled export`)")
+    if foreground:
+        interrupt_on_sigterm()  # from here on SIGTERM stops the fleet, as Ctrl-C does
+    record, states = up(UpRequest(model, dir, scenario, devices, hil, collect, netns, netem, deploy),
+                        progress=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
+    try:
+        spaces = netns or netem is not None
+        mode = "hil" if record["hil"] else "replay"
+        table = Table(title=f"{Path(record['model']).name} ({record['scenario']}, {mode})")
+        for column in ("device", "light", "pid", "state", *(["netns"] if spaces else [])):
+            table.add_column(column)
+        for device, entry in record["devices"].items():
+            table.add_row(device, Text(entry["intersection"]), str(entry["pid"]), Text(states.get(device, "?")),
+                          *([entry["netns"]] if spaces else []))
+        console.print(table)
+        if not foreground:
+            console.print(f"running detached; stop it with `reled-edge fleet down --dir {escape(str(dir))}`",
+                          highlight=False, soft_wrap=True)
+            return
+        console.print("running in the foreground: Ctrl-C or SIGTERM stops the fleet")
+        wait_for_stop()
+    finally:
+        if foreground:
+            console.print(escape(down(dir)), highlight=False, soft_wrap=True)
+
+
+@fleet_app.command("down")
+@user_errors
+def fleet_down(dir: Annotated[Path, typer.Option("--dir", help="The folder given to `fleet up`.")]) -> None:
+    """Stop the fleet started from --dir: daemons (SIGTERM, SIGKILL after 20 s), collector, broker, network
+    namespaces. Only processes whose command line still names this fleet are signalled; safe to run again."""
+    from edge_runtime.fleet.local import down
+
+    console.print(escape(down(dir)), highlight=False, soft_wrap=True)

@@ -42,6 +42,29 @@ class SelfTest:
 
 
 @dataclass(frozen=True)
+class PolicyTiming:
+    """The signal timing a policy was trained with: its controllers must time their signals the same way
+    (the defaults are RELED's default timing, which models exported before the export recorded it mean)."""
+
+    yellow: float = 3.0
+    all_red: float = 2.0
+    min_green: float = 10.0
+    max_green: float = 60.0
+    decision_seconds: float = 10.0
+
+    @classmethod
+    def from_json(cls, text: str) -> PolicyTiming:
+        """Every field from a JSON object; keys a later export may add are ignored (a device must still load it)."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise TypeError("timing: expected a JSON object")
+        values = {name: data[name] for name in cls.__dataclass_fields__}  # KeyError names a missing field
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values.values()):
+            raise TypeError(f"timing: expected numbers, got {values}")
+        return cls(**{k: float(v) for k, v in values.items()})
+
+
+@dataclass(frozen=True)
 class PolicyMetadata:
     schema_version: int
     feature_size: int
@@ -51,11 +74,13 @@ class PolicyMetadata:
     scenario: str
     phase_tables: dict[str, list[str]]  # light id -> its green phases as SUMO state strings
     selftest: SelfTest
+    timing: PolicyTiming = PolicyTiming()  # optional in the file: absent means RELED's default timing
 
     def to_props(self) -> dict[str, str]:
         """ONNX metadata_props (string values only)."""
-        props = {k: v for k, v in asdict(self).items() if k not in ("phase_tables", "selftest")}
+        props = {k: v for k, v in asdict(self).items() if k not in ("phase_tables", "selftest", "timing")}
         props = {k: str(v) for k, v in props.items()}
+        props["timing"] = json.dumps(asdict(self.timing), separators=(",", ":"))
         props["phase_tables"] = json.dumps(self.phase_tables, separators=(",", ":"))
         props["selftest"] = json.dumps(asdict(self.selftest), separators=(",", ":"))
         return {META_PREFIX + k: v for k, v in props.items()}
@@ -68,7 +93,8 @@ class PolicyMetadata:
                        max_phases=int(values["max_phases"]), policy_version=int(values["policy_version"]),
                        precision=values["precision"], scenario=values["scenario"],
                        phase_tables=json.loads(values["phase_tables"]),
-                       selftest=SelfTest(**json.loads(values["selftest"])))
+                       selftest=SelfTest(**json.loads(values["selftest"])),
+                       timing=PolicyTiming.from_json(values["timing"]) if "timing" in values else PolicyTiming())
         except (KeyError, ValueError, TypeError) as exc:
             raise RELEDError(f"{source} is not a RELED policy (its metadata lacks or garbles {exc}): "
                              "export it with `reled export`") from exc

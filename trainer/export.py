@@ -24,7 +24,7 @@ import torch
 from edge_runtime.errors import RELEDError
 from edge_runtime.features import MAX_PHASES, SCHEMA_VERSION, feature_size
 from edge_runtime.fileio import atomic_path
-from edge_runtime.policy import INPUTS, OUTPUTS, OnnxPolicy, PolicyMetadata, SelfTest, open_session
+from edge_runtime.policy import INPUTS, OUTPUTS, OnnxPolicy, PolicyMetadata, PolicyTiming, SelfTest, open_session
 from trainer.marl.checkpoint import actor_from_checkpoint, check_scenario, load_checkpoint
 from trainer.marl.networks import Actor
 
@@ -101,6 +101,16 @@ def load_actor(request: ExportRequest) -> ActorSource:
         raise RELEDError("give --run runs/NAME (a trained policy) or --scenario NAME (a freshly initialized one)")
     torch.manual_seed(request.seed)
     return ActorSource(Actor().eval(), request.scenario, request.demand, None)
+
+
+def trained_timing(source: ActorSource) -> PolicyTiming:
+    """The timing the actor was trained with (the run's, else its scenario's, as the env picks it): the device
+    files of its controllers must use the same, so the export records it (``reled.timing``)."""
+    from trainer.scenarios import DecisionTiming, get_scenario
+
+    timing = DecisionTiming(**source.timing) if source.timing else get_scenario(source.scenario).timing
+    return PolicyTiming(yellow=timing.yellow, all_red=timing.all_red, min_green=timing.min_green,
+                        max_green=timing.max_green, decision_seconds=timing.delta)
 
 
 def collect_holdout(actor: Actor, scenario: str, demand: str, decisions: int, timing: dict[str, Any] | None,
@@ -185,6 +195,7 @@ def export_policy(request: ExportRequest, progress: Callable[[str], None] = log.
     version = request.policy_version if request.policy_version is not None else int(time.time())
     int8_out = request.out.with_name(request.out.stem + ".int8.onnx")
     rows = selftest_rows(len(obs))
+    timing = trained_timing(source)
 
     def metadata(precision: str, logits: np.ndarray, actions: np.ndarray, tolerance: float) -> PolicyMetadata:
         return PolicyMetadata(schema_version=SCHEMA_VERSION, feature_size=feature_size(), max_phases=MAX_PHASES,
@@ -192,7 +203,8 @@ def export_policy(request: ExportRequest, progress: Callable[[str], None] = log.
                               precision=precision, scenario=scenario, phase_tables=tables,
                               selftest=SelfTest(obs=obs[rows].tolist(), mask=mask[rows].tolist(),
                                                 logits=logits[rows].tolist(), actions=actions[rows].tolist(),
-                                                tolerance=tolerance))
+                                                tolerance=tolerance),
+                              timing=timing)
 
     with atomic_path(request.out) as fp32_tmp, _maybe(request.int8, int8_out) as int8_tmp:
         progress("exporting to ONNX")

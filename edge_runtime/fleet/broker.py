@@ -76,6 +76,7 @@ class BrokerInfo:
     pid: int = 0
     tls_port: int | None = None  # TLS for devices
     ca_file: str | None = None  # absolute, so the tools work from any directory
+    device_hosts: tuple[str, ...] = ()  # more addresses the device listeners bind to (a fleet's veth ends)
 
     @classmethod
     def read(cls, folder: Path) -> BrokerInfo:
@@ -125,12 +126,15 @@ def config_text(info: BrokerInfo) -> str:
         "log_dest file mosquitto.log",
         "log_type error", "log_type warning", "log_type notice",
         "connection_messages true",
+        "set_tcp_nodelay true",  # else Nagle holds a second small message for the first's delayed ACK (40 ms)
         *(f"{name} {value}" for name, value in LIMITS.items()),
     ]
-    if info.port is not None:
-        lines += ["", "# devices, plain MQTT", f"listener {info.port} {info.host}", *device]
-    if info.tls_port is not None:
-        lines += ["", "# devices, TLS", f"listener {info.tls_port} {info.host}", *device, *tls]
+    for host in (info.host, *info.device_hosts):  # the same listener settings on each address
+        also = f", also on {host}" if host != info.host else ""
+        if info.port is not None:
+            lines += ["", f"# devices, plain MQTT{also}", f"listener {info.port} {host}", *device]
+        if info.tls_port is not None:
+            lines += ["", f"# devices, TLS{also}", f"listener {info.tls_port} {host}", *device, *tls]
     lines += ["", f"# the fleet tools ({SERVER_USER} only)", f"listener {info.server_port} {info.host}",
               "allow_anonymous false", f"password_file {SERVER_PASSWD}", f"acl_file {SERVER_ACL}",
               *(tls if info.tls_port is not None else [])]
@@ -181,7 +185,7 @@ def _port_open(host: str, port: int) -> bool:
     return False
 
 
-def _command_line(pid: int) -> list[str] | None:
+def command_line(pid: int) -> list[str] | None:
     """The process's arguments, or None when there is no such process (a zombie has none either)."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -205,16 +209,17 @@ def _recorded_pid(folder: Path) -> int | None:
 def running_pid(folder: Path) -> int | None:
     """The pid of the broker started from ``folder``, if it still runs (a reused pid is not it)."""
     pid = _recorded_pid(folder)
-    return pid if pid and _is_ours(_command_line(pid), folder.resolve()) else None
+    return pid if pid and _is_ours(command_line(pid), folder.resolve()) else None
 
 
 def start(folder: Path, keys: KeyFolder, host: str = "127.0.0.1", port: int = 1883, tls_port: int | None = None,
           server_port: int | None = None, tls_only: bool = False, names: list[str] | None = None,
-          timeout: float = 10.0) -> BrokerInfo:
+          timeout: float = 10.0, device_hosts: list[str] | None = None) -> BrokerInfo:
     """Start Mosquitto for every user in ``keys``; raises with the broker's own words when it fails.
 
     ``server_port`` defaults to the device TLS port + 1 with TLS (8884), else the plain port + 1 (1884);
-    ``tls_only`` opens no plain device listener; ``names`` are the server certificate's extra names."""
+    ``tls_only`` opens no plain device listener; ``names`` are the server certificate's extra names;
+    ``device_hosts`` are more addresses the device listeners (not the tools') listen on."""
     folder = folder.resolve()
     binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
     if binary is None:
@@ -227,12 +232,15 @@ def start(folder: Path, keys: KeyFolder, host: str = "127.0.0.1", port: int = 18
     if SERVER_USER not in users:
         raise RELEDError(f"no credentials in {keys.root}: run `reled-edge keys init --keys {keys.root} --device ID`")
     info = BrokerInfo(host=host, port=None if tls_only else port,
-                      server_port=server_port or (tls_port if tls_port is not None else port) + 1, tls_port=tls_port)
+                      server_port=server_port or (tls_port if tls_port is not None else port) + 1, tls_port=tls_port,
+                      device_hosts=tuple(dict.fromkeys(h for h in device_hosts or [] if h != host)))
     if len(set(info.ports)) < len(info.ports):
         raise RELEDError(f"the listeners need different ports (got {', '.join(map(str, info.ports))})")
-    for listener in info.ports:
-        if _port_open(host, listener):
-            raise RELEDError(f"{host}:{listener} is already in use: choose other ports")
+    bound = [(host, p) for p in info.ports] + [(h, p) for h in info.device_hosts for p in (info.port, info.tls_port)
+                                               if p is not None]
+    for address, listener in bound:
+        if _port_open(address, listener):
+            raise RELEDError(f"{address}:{listener} is already in use: choose other ports")
     owner = _owner()
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     folder.chmod(0o700)
@@ -247,7 +255,7 @@ def start(folder: Path, keys: KeyFolder, host: str = "127.0.0.1", port: int = 18
                        (DEVICE_ACL, acl_text()), (SERVER_ACL, server_acl_text()), (CONFIG_FILE, config_text(info))):
         _install(folder / name, text.encode(), owner)
     if tls_port is not None:
-        ca_file = keys.ensure_tls(tls_names(host, list(names or []))).resolve()
+        ca_file = keys.ensure_tls(tls_names(host, [*(names or []), *info.device_hosts])).resolve()
         info = replace(info, ca_file=str(ca_file))
         for name in TLS_FILES:
             _install(folder / name, (keys.tls_dir / name).read_bytes(), owner)
@@ -255,12 +263,12 @@ def start(folder: Path, keys: KeyFolder, host: str = "127.0.0.1", port: int = 18
         process = subprocess.Popen([binary, "-c", str(folder / CONFIG_FILE)], cwd=folder, stdout=log_file,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
-    while not all(_port_open(host, listener) for listener in info.ports):
+    while not all(_port_open(address, listener) for address, listener in bound):
         if process.poll() is not None or time.monotonic() > deadline:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no log"]
-            raise RELEDError(f"mosquitto did not start on {host} ports {', '.join(map(str, info.ports))}: {tail[0]}")
+            raise RELEDError(f"mosquitto did not start on {', '.join(f'{a}:{p}' for a, p in bound)}: {tail[0]}")
         time.sleep(0.05)
     info = replace(info, pid=process.pid)
     atomic_write_text(folder / STATE_FILE, json.dumps(asdict(info), indent=2) + "\n")
@@ -274,7 +282,7 @@ def stop(folder: Path, timeout: float = 10.0) -> str:
     pid = _recorded_pid(folder)
     if pid is None:
         return "no broker was running"
-    argv = _command_line(pid)
+    argv = command_line(pid)
     if not _is_ours(argv, folder):
         (folder / STATE_FILE).unlink(missing_ok=True)
         (folder / "mosquitto.pid").unlink(missing_ok=True)
@@ -282,10 +290,10 @@ def stop(folder: Path, timeout: float = 10.0) -> str:
         return f"no broker was running ({now}); removed the stale {folder / STATE_FILE}"
     os.kill(pid, signal.SIGTERM)  # Mosquitto saves its persistence file on SIGTERM
     deadline = time.monotonic() + timeout
-    while _is_ours(_command_line(pid), folder) and time.monotonic() < deadline:
+    while _is_ours(command_line(pid), folder) and time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         time.sleep(0.05)
-    if _is_ours(_command_line(pid), folder):
+    if _is_ours(command_line(pid), folder):
         os.kill(pid, signal.SIGKILL)
     return f"stopped mosquitto (pid {pid})"

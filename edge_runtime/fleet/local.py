@@ -1,37 +1,46 @@
 """A fleet of real controllers on this machine: Mosquitto, key folder, device files, daemon processes.
 
-Tests and `tools/bench/edge_bench.py` build on it; `reled-edge fleet up` runs it by hand to try
-deployments without hardware:
+Tests and `tools/bench/edge_bench.py` build on :class:`LocalFleet`; `reled-edge fleet up` (:func:`up`) starts
+one controller per light of a policy, detached, and `reled-edge fleet down` (:func:`down`) stops it:
 
-    reled-edge fleet up --policy policy.onnx --devices 3 --dir /tmp/fleet
+    reled-edge fleet up --model policy.onnx --dir /tmp/fleet --replay
+    reled-edge status --keys /tmp/fleet/keys --broker-dir /tmp/fleet/broker
+    reled-edge fleet down --dir /tmp/fleet
 
-starts a broker and one daemon per light of the policy (replaying synthetic detector data) and leaves
-them running until Ctrl-C (``--deploy``: deploys the policy, prints the status and stops). Meanwhile:
-
-    reled-edge deploy --keys /tmp/fleet/keys --broker-dir /tmp/fleet/broker --devices /tmp/fleet/devices \
-        --group local --model policy.onnx
+``FLEET/fleet.json`` says what runs (pids, namespaces); it is rewritten after every step of `fleet up`, so
+`fleet down` can stop what a `fleet up` that died half-way had started. A process is signalled only while
+its command line still names this fleet (a pid reused since is left alone).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_runtime.fileio import atomic_write_text
-from edge_runtime.fleet.broker import BrokerInfo
+from edge_runtime.errors import RELEDError
+from edge_runtime.fileio import atomic_write_text, sha256_file
+from edge_runtime.fleet import broker, netns
+from edge_runtime.fleet.broker import BrokerInfo, command_line
 from edge_runtime.fleet.server import ServerLink, server_address
 from edge_runtime.keys import KeyFolder
+
+if TYPE_CHECKING:
+    from edge_runtime.mqtt import Message
+    from edge_runtime.policy import PolicyMetadata
+
+log = logging.getLogger(__name__)
 
 EDGE = [sys.executable, "-m", "edge_runtime"]
 
@@ -98,13 +107,21 @@ class LocalFleet:
     def edge_background(self, *args: str, log: Path) -> subprocess.Popen:
         """Start `reled-edge ARGS` without waiting (output to ``log``); :meth:`close` kills it if still running."""
         with log.open("w") as out:
-            proc = subprocess.Popen(self._command(args), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(self._command(args), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         self.background.append(proc)
         return proc
 
     def write_device(self, device: str, /, intersection: str, greens: list[str], replay_seed: int = 0,
-                     groups: tuple[str, ...] = ("local",), **sections: dict[str, Any]) -> Path:
-        replay = synthetic_replay(self.root / f"{device}.replay.npz", len(greens), seed=replay_seed)
+                     groups: tuple[str, ...] = ("local",), hil: bool = False, **sections: dict[str, Any]) -> Path:
+        """``device``'s file: a synthetic replay sensor and a log actuator, or with ``hil`` the simulation's
+        (`reled hil run` drives time, reads the heads and sends detector readings); ``sections`` override."""
+        if hil:
+            io: dict[str, dict[str, Any]] = {"sensor": {"adapter": "hil"}, "actuator": {"adapter": "hil"}}
+        else:
+            replay = synthetic_replay(self.root / f"{device}.replay.npz", len(greens), seed=replay_seed)
+            io = {"sensor": {"adapter": "replay", "file": str(replay)},
+                  "actuator": {"adapter": "log", "file": str(self.root / f"{device}.signal.log")}}
         body: dict[str, dict[str, Any]] = {
             "device": {"id": device, "intersection": intersection, "state_dir": str(self.root / "state" / device),
                        "groups": list(groups)},
@@ -112,8 +129,7 @@ class LocalFleet:
             "broker": {"host": "127.0.0.1", "port": self.port,
                        "password_file": str(KeyFolder(self.keys).secret_path(device))},
             "security": {"public_key": str(KeyFolder(self.keys).public_key_path)},
-            "sensor": {"adapter": "replay", "file": str(replay)},
-            "actuator": {"adapter": "log", "file": str(self.root / f"{device}.signal.log")},
+            **io,
         }
         for name, values in sections.items():
             body.setdefault(name, {}).update(values)
@@ -146,12 +162,14 @@ class LocalFleet:
     def stop_broker(self) -> None:
         self.edge("broker", "stop", "--dir", str(self.broker_dir))
 
-    def start_daemon(self, device: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        """Start ``device``'s daemon (``env``: extra environment variables for it)."""
-        with (self.root / f"{device}.daemon.log").open("a") as log:
-            proc = subprocess.Popen([*EDGE, "daemon", "--config", str(self.devices / f"{device}.toml")],
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, **(env or {})})
+    def start_daemon(self, device: str, env: dict[str, str] | None = None,
+                     prefix: list[str] | None = None) -> subprocess.Popen:
+        """Start ``device``'s daemon in a session of its own (``env``: extra environment variables for it;
+        ``prefix``: what runs it, e.g. `ip netns exec NAME`)."""
+        command = [*(prefix or []), *EDGE, "daemon", "--config", str(self.devices / f"{device}.toml")]
+        with (self.root / f"{device}.daemon.log").open("a") as out:
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env={**os.environ, **(env or {})})
         self.daemons[device] = proc
         return proc
 
@@ -216,37 +234,381 @@ def wait_for(predicate: Any, timeout: float, what: str, poll: Any = None) -> Any
     raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
 
 
-def up(policy: Path, devices: int, folder: Path, deploy: bool) -> int:
-    """`reled-edge fleet up`: one daemon per light of ``policy`` (at most ``devices``) on a fresh broker;
-    with ``deploy``, deploy the policy, print the fleet's status and stop, else run until Ctrl-C or SIGTERM.
-    Returns the exit code."""
+# -- `reled-edge fleet up` / `fleet down` -----------------------------------------------------------
+FLEET_FILE = "fleet.json"
+FLEET_FORMAT = "reled-fleet/1"
+GROUP = "local"  # every device of a fleet: `reled-edge deploy --group local`
+REPLAY_SPEED = 10.0  # --replay: signal seconds per wall second, so a 10-decision probation takes ~10 s
+PROBATION_DECISIONS = 10
+STOP_SECONDS = 20.0  # SIGTERM, then SIGKILL after this long
+START_SECONDS = 60.0  # a daemon or the collector that has not reported by then failed to start
+DEPLOY_SECONDS = 600.0  # the whole deploy (`deploy --timeout` bounds the time without progress: 120 s)
+READY = frozenset({"STAGED", "PROBATION", "COMMITTED"})  # --hil: the model waits for the simulation's decisions
+
+
+@dataclass(frozen=True)
+class UpRequest:
+    """What `reled-edge fleet up` was asked for."""
+
+    model: Path
+    folder: Path
+    scenario: str | None = None  # checked against the model's
+    devices: int | None = None  # None: one per light of the model
+    hil: bool = True  # devices driven by `reled hil run`; False: synthetic replay, 10x real time
+    collect: bool = True
+    netns: bool = False  # every device in a network namespace of its own, behind a veth pair
+    netem: str | None = None  # a netem spec for each of those links (implies netns)
+    deploy: bool = True
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    """``FOLDER/fleet.json``, or None when there is none."""
+    path = folder / FLEET_FILE
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise RELEDError(f"{path} is unreadable ({exc}): remove it once no fleet runs from {folder}") from exc
+    if not isinstance(record, dict) or record.get("format") != FLEET_FORMAT:
+        raise RELEDError(f"{path} is not a {FLEET_FORMAT} file: remove it once no fleet runs from {folder}")
+    return record
+
+
+def save_record(folder: Path, record: dict[str, Any]) -> None:
+    atomic_write_text(folder / FLEET_FILE, json.dumps(record, indent=2) + "\n")
+
+
+def _ours(pid: Any, needle: str) -> bool:
+    """Whether ``pid`` runs and one of its arguments is ``needle`` (its device file, the fleet's rollouts or
+    devices folder: absolute paths, as they were started)."""
+    argv = command_line(pid) if isinstance(pid, int) and pid > 0 else None
+    return bool(argv) and needle in argv
+
+
+def fleet_processes(record: dict[str, Any], folder: Path) -> dict[str, tuple[int, str]]:
+    """What ``record`` started and still runs: name -> (pid, what its command line must name)."""
+    wanted = {device: (entry.get("pid"), str(folder / entry.get("config", ""))) for device, entry in
+              (record.get("devices") or {}).items()}
+    for name, needle in (("collector", folder / "rollouts"), ("deploy", folder / "devices")):
+        if isinstance(record.get(name), dict):
+            wanted[name] = (record[name].get("pid"), str(needle))
+    return {name: (pid, needle) for name, (pid, needle) in wanted.items() if _ours(pid, needle)}
+
+
+def stop_processes(processes: dict[str, tuple[int, str]], timeout: float = STOP_SECONDS) -> None:
+    """SIGTERM each, SIGKILL those still running after ``timeout``; returns once all are gone."""
+    def running() -> list[int]:
+        for pid, _ in processes.values():
+            with contextlib.suppress(ChildProcessError):  # ours: reap it, so it does not linger as a zombie
+                os.waitpid(pid, os.WNOHANG)
+        return [pid for pid, needle in processes.values() if _ours(pid, needle)]
+
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        for pid in running():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not running():
+            return
+
+
+def teardown(record: dict[str, Any], folder: Path) -> list[str]:
+    """Stop everything ``record`` names (the daemons, then the collector and a deploy still serving, then the
+    broker; what a daemon has not sent waits in its outbox), remove the namespaces, mark the record stopped.
+    Returns what was stopped."""
+    running = fleet_processes(record, folder)
+    devices = {name: p for name, p in running.items() if name in (record.get("devices") or {})}
+    others = {name: p for name, p in running.items() if name not in devices}
+    stop_processes(devices)
+    stop_processes(others)
+    done = [f"{len(devices)} daemon{'s' * (len(devices) != 1)}"] if devices else []
+    done += [f"the {name}" for name in others]
+    if broker.running_pid(folder / "broker") is not None:
+        broker.stop(folder / "broker")
+        done.append("the broker")
+    removed = [entry["netns"] for entry in (record.get("devices") or {}).values()
+               if entry.get("netns") and netns.delete(entry["netns"])]
+    if removed:
+        done.append(f"{len(removed)} network namespace{'s' * (len(removed) != 1)}")
+    record.update(state="stopped", stopped=time.time())
+    save_record(folder, record)
+    return done
+
+
+def down(folder: Path) -> str:
+    """`reled-edge fleet down`: stop the fleet started from ``folder``; says what it stopped (or that nothing ran)."""
+    folder = folder.resolve()
+    record = read_record(folder)
+    if record is None:
+        if broker.running_pid(folder / "broker") is not None:  # a fleet from before fleet.json, or a bare broker
+            return f"no {FLEET_FILE} in {folder}; {broker.stop(folder / 'broker')}"
+        return f"no fleet in {folder}: nothing running"
+    live = fleet_processes(record, folder)
+    spaces = [e["netns"] for e in (record.get("devices") or {}).values() if e.get("netns") and netns.exists(e["netns"])]
+    if not live and not spaces and broker.running_pid(folder / "broker") is None:
+        if record.get("state") != "stopped":
+            record.update(state="stopped", stopped=time.time())
+            save_record(folder, record)
+        return f"nothing running in {folder}"
+    return f"stopped {', '.join(teardown(record, folder))} ({folder})"
+
+
+def write_fleet_devices(fleet: LocalFleet, meta: PolicyMetadata, lights: list[str], hil: bool,
+                        hosts: dict[str, str] | None = None) -> dict[str, str]:
+    """One device file per light, ``devK`` for the K-th, timed as the policy was trained (``meta.timing``);
+    ``hosts``: the broker address each device reaches (its namespace's link). Returns device -> light."""
+    t = meta.timing
+    devices = {}
+    for k, light in enumerate(lights):
+        device = f"dev{k}"
+        runtime: dict[str, Any] = {"decision_seconds": t.decision_seconds}
+        if not hil:  # with HIL the simulation drives time
+            runtime["speed"] = REPLAY_SPEED
+        sections: dict[str, dict[str, Any]] = {
+            "signal": {"yellow": t.yellow, "all_red": t.all_red, "min_green": t.min_green, "max_green": t.max_green},
+            "runtime": runtime, "probation": {"decisions": PROBATION_DECISIONS}}
+        if hosts:
+            sections["broker"] = {"host": hosts[device]}
+        fleet.write_device(device, light, meta.phase_tables[light], replay_seed=k, groups=(GROUP,), hil=hil,
+                           **sections)
+        devices[device] = light
+    return devices
+
+
+def _edge(fleet: LocalFleet, *args: str, timeout: float = 120) -> str:
+    """`reled-edge ARGS` for this fleet; RELEDError with its own last words when it fails."""
+    proc = fleet.edge(*args, timeout=timeout)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}").splitlines()[-1]
+        raise RELEDError(f"`reled-edge {args[0]} {args[1] if len(args) > 1 else ''}` failed: "
+                         f"{last.removeprefix('error: ')}")
+    return proc.stdout
+
+
+def _log_tail(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        lines = path.read_text(errors="replace").strip().splitlines()
+        if lines:
+            return lines[-1].removeprefix("error: ")
+    return "no output"
+
+
+class _Starter:
+    """The steps of `fleet up`, each recorded in fleet.json as soon as it is taken."""
+
+    def __init__(self, request: UpRequest, meta: PolicyMetadata, lights: list[str], progress: Any):
+        self.request, self.meta, self.progress = request, meta, progress
+        self.folder = request.folder
+        self.fleet = LocalFleet(self.folder)
+        self.devices = {f"dev{k}": light for k, light in enumerate(lights)}
+        self.record: dict[str, Any] = {
+            "format": FLEET_FORMAT, "state": "starting", "started": time.time(), "model": str(request.model),
+            "scenario": meta.scenario, "hil": request.hil,
+            "devices": {d: {"intersection": light, "pid": None, "config": f"devices/{d}.toml", "netns": None}
+                        for d, light in self.devices.items()},
+            "collector": None, "broker_pid": None, "netem": request.netem}
+        self.spaces: dict[str, netns.Namespace] = {}
+        self.observer: ServerLink | None = None
+        self.collector_pid = 0
+        self.registered = False
+
+    def save(self) -> None:
+        save_record(self.folder, self.record)
+
+    def namespaces(self) -> None:
+        for device, space in zip(self.devices, netns.plan(self.folder, list(self.devices)), strict=True):
+            self.record["devices"][device]["netns"] = space.name
+            self.save()  # before it exists: `fleet down` removes it even if we die now
+            netns.create(space, self.request.netem)
+            self.spaces[device] = space
+        link = f"behind `netem {self.request.netem}` both ways" if self.request.netem else "on its own veth link"
+        self.progress(f"{len(self.spaces)} network namespaces, each {link}")
+
+    def broker(self) -> None:
+        hosts = {d: s.host_address for d, s in self.spaces.items()}
+        write_fleet_devices(self.fleet, self.meta, list(self.devices.values()), self.request.hil, hosts)
+        _edge(self.fleet, "keys", "init", "--keys", str(self.fleet.keys), "--devices", str(self.fleet.devices))
+        _edge(self.fleet, "broker", "start", "--keys", str(self.fleet.keys), "--dir", str(self.fleet.broker_dir),
+              "--port", str(self.fleet.port), "--server-port", str(self.fleet.server_port),
+              *(a for h in hosts.values() for a in ("--device-host", h)))
+        self.record["broker_pid"] = self.fleet.broker_pid()
+        self.save()
+        from edge_runtime.fleet.collector import REGISTRATION_TOPIC
+
+        self.observer = self.fleet.observer([REGISTRATION_TOPIC])
+        self.progress(f"broker on 127.0.0.1:{self.fleet.port} (devices), {self.fleet.server_port} (fleet tools)")
+
+    def pump(self) -> None:
+        assert self.observer is not None
+        self.observer.pump(0.05, on_message=self._on_message)
+
+    def _on_message(self, message: Message) -> None:
+        from edge_runtime.fleet.collector import REGISTRATION_TOPIC
+
+        if message.topic == REGISTRATION_TOPIC and message.payload:
+            with contextlib.suppress(ValueError, AttributeError):
+                self.registered = self.registered or json.loads(message.payload).get("pid") == self.collector_pid
+
+    def collector(self) -> None:
+        out = self.folder / "rollouts"
+        proc = self.fleet.edge_background("collect", "--out", str(out), log=self.folder / "collect.log")
+        self.collector_pid = proc.pid
+        self.record["collector"] = {"pid": proc.pid, "out": "rollouts"}
+        self.save()
+        deadline = time.monotonic() + START_SECONDS
+        while not self.registered:
+            if proc.poll() is not None:
+                raise RELEDError(f"the collector exited ({_log_tail(self.folder / 'collect.log')})")
+            if time.monotonic() > deadline:
+                raise RELEDError(f"the collector did not register within {START_SECONDS:g} s "
+                                 f"(see {self.folder / 'collect.log'})")
+            self.pump()
+        self.progress(f"collecting rollouts into {out}")
+
+    def check_daemons(self) -> None:
+        for device, proc in self.fleet.daemons.items():
+            if proc.poll() is not None:
+                raise RELEDError(f"daemon {device} exited with code {proc.returncode}: "
+                                 f"{_log_tail(self.folder / f'{device}.daemon.log')}")
+
+    def wait(self, done: Any, what: str, timeout: float) -> None:
+        """Pump until ``done()``; RELEDError when a daemon exits or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            self.check_daemons()
+            if time.monotonic() > deadline:
+                raise RELEDError(f"timed out after {timeout:g} s waiting for {what}")
+            self.pump()
+
+    def daemons(self) -> None:
+        started = time.time()
+        for device in self.devices:
+            space = self.spaces.get(device)
+            proc = self.fleet.start_daemon(device, prefix=space.exec_prefix() if space else None)
+            self.record["devices"][device]["pid"] = proc.pid
+            self.save()
+        assert self.observer is not None
+        reported = self.observer.reported
+        self.wait(lambda: all(reported.get(d, {}).get("ts", 0) >= started for d in self.devices),
+                  "every controller's first report", START_SECONDS)
+        self.progress(f"{len(self.devices)} controllers reporting")
+
+    def deploy(self) -> None:
+        """Deploy the model to every device: with --replay until each reports COMMITTED (the deploy command
+        waits for that); with --hil until each has it staged (its probation needs the simulation's decisions)."""
+        model, log_path = self.request.model, self.folder / "deploy.log"
+        self.progress(f"deploying {model.name} to {len(self.devices)} controllers")
+        proc = self.fleet.edge_background("deploy", "--group", GROUP, "--model", str(model), "--timeout", "120",
+                                          log=log_path)
+        self.record["deploy"] = {"pid": proc.pid, "log": log_path.name}
+        self.save()
+        sha = sha256_file(model)
+        assert self.observer is not None
+        reported = self.observer.reported
+
+        def ready(device: str) -> bool:
+            rep = reported.get(device, {})
+            staged = (rep.get("job") or {}).get("sha256") == sha or (rep.get("active") or {}).get("sha256") == sha
+            return staged and rep.get("state") in READY
+
+        def done() -> bool:
+            if proc.poll() is not None:
+                if proc.returncode != 0:
+                    raise RELEDError(f"deploy failed: {_log_tail(log_path)} (see {log_path})")
+                return True
+            return self.request.hil and all(ready(d) for d in self.devices)
+
+        self.wait(done, "the deploy", DEPLOY_SECONDS)
+        if proc.poll() is None:  # --hil: staged everywhere; the devices commit on their own
+            stop_processes({"deploy": (proc.pid, str(self.fleet.devices))})
+        self.record["deploy"] = None
+        if not self.request.hil:
+            self.wait(lambda: all(reported.get(d, {}).get("state") == "COMMITTED" for d in self.devices),
+                      "the COMMITTED reports", 30)
+        self.progress(f"{model.name} {'staged' if self.request.hil else 'committed'} on every controller")
+
+    def states(self) -> dict[str, str]:
+        reported = self.observer.reported if self.observer is not None else {}
+        return {d: str(reported.get(d, {}).get("state", "?")) for d in self.devices}
+
+    def close(self) -> None:
+        for link in self.fleet.observers:
+            with contextlib.suppress(Exception):
+                link.close()
+
+
+def up(request: UpRequest, progress: Any = log.info) -> tuple[dict[str, Any], dict[str, str]]:
+    """`reled-edge fleet up`: keys, broker, one daemon per light of the model (each in a session of its own, so
+    it outlives this process), the collector, the deploy; returns fleet.json's record and every device's
+    reported state. Anything failing half-way stops everything started so far before the error is raised."""
     from edge_runtime.policy import OnnxPolicy
 
-    tables = list(OnnxPolicy(policy).meta.phase_tables.items())[:devices]
-    fleet = LocalFleet(folder)
-    for k, (light, greens) in enumerate(tables):  # replayed 10x faster than real time: probation takes 10 s
-        fleet.write_device(f"dev{k}", light, greens, replay_seed=k, runtime={"speed": 10.0},
-                           probation={"decisions": 10})
-    fleet.init_keys()
-    fleet.start_broker()
-    for k in range(len(tables)):
-        fleet.start_daemon(f"dev{k}")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`, systemd: still stop the fleet
+    folder, model = request.folder.resolve(), request.model.resolve()
+    request = replace(request, folder=folder, model=model)
+    if not model.is_file():
+        raise RELEDError(f"--model {model} does not exist: export one with `reled export`")
+    meta = OnnxPolicy(model).meta
+    if request.scenario is not None and request.scenario != meta.scenario:
+        raise RELEDError(f"{model.name} was exported for scenario {meta.scenario!r}, not {request.scenario!r}: "
+                         f"export a policy for {request.scenario} or leave --scenario out")
+    lights = list(meta.phase_tables)
+    if request.devices is not None and not 1 <= request.devices <= len(lights):
+        raise RELEDError(f"--devices {request.devices}: {model.name} drives {len(lights)} lights "
+                         f"({', '.join(lights)}), one controller each")
+    lights = lights[:request.devices or len(lights)]
+    if request.netem is not None:
+        request = replace(request, netns=True)
+    if request.netns:
+        netns.check_available(request.netem)
+    previous = read_record(folder)
+    if previous is not None:
+        if live := fleet_processes(previous, folder):
+            pids = ", ".join(str(pid) for pid, _ in live.values())
+            raise RELEDError(f"a fleet is already running in {folder} (pids {pids}): run "
+                             f"`reled-edge fleet down --dir {folder}` first")
+        teardown(previous, folder)  # what a dead run left: its broker, its namespaces
+    elif (pid := broker.running_pid(folder / "broker")) is not None:
+        raise RELEDError(f"a broker from {folder / 'broker'} is running (pid {pid}): run "
+                         f"`reled-edge fleet down --dir {folder}` first")
+    starter = _Starter(request, meta, lights, progress)
+    starter.save()
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`, systemd: clean up
     try:
-        fleet.check_daemons()
-        if deploy:
-            for command in (("deploy", "--group", "local", "--model", str(policy), "--timeout", "120"),
-                            ("status",)):
-                proc = fleet.edge(*command)
-                sys.stdout.write(proc.stdout + proc.stderr)
-                sys.stdout.flush()
-                if proc.returncode != 0:
-                    return proc.returncode
-            return 0
-        print(f"broker on 127.0.0.1:{fleet.port}, {len(tables)} controllers; Ctrl-C stops them", flush=True)
-        signal.pause()
-    except KeyboardInterrupt:
-        pass
+        if request.netns:
+            starter.namespaces()
+        starter.broker()
+        if request.collect:
+            starter.collector()
+        starter.daemons()
+        if request.deploy:
+            starter.deploy()
+        starter.record["state"] = "running"
+        starter.save()
+        return starter.record, starter.states()
+    except BaseException:
+        starter.close()
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            teardown(starter.record, folder)
+        raise
     finally:
-        fleet.close()
-    return 0
+        starter.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM raises KeyboardInterrupt from now on, as Ctrl-C does (`fleet up --foreground`: both stop the fleet)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def wait_for_stop() -> None:
+    """Block until Ctrl-C, or SIGTERM after :func:`interrupt_on_sigterm`."""
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            signal.pause()
