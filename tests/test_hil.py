@@ -7,10 +7,12 @@ broker killed and restarted, a device answering garbage or impossible phases.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import random
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -92,14 +94,14 @@ def test_device_adopts_what_the_heads_show() -> None:
 EPISODE = "600"  # simulated seconds: 60 decisions
 
 
-@pytest.fixture
-def hil_fleet(local_fleet: Any, fleet_models: dict[int, Any]) -> Iterator[Any]:
-    """Four HIL daemons (grid2x2) on a fresh broker, policy v1 staged on each (it commits during the first run)."""
-    model = fleet_models[1]
+def start_hil_fleet(local_fleet: Any, model: Any, ports: dict[str, int] | None = None) -> Any:
+    """Four HIL daemons (grid2x2) on a fresh broker, ``model`` staged on each (it commits during the first run);
+    ``ports``: a device that reaches the broker through another port (a delaying link)."""
     lights = sorted(model.phase_tables)
     for k, light in enumerate(lights):
-        local_fleet.write_device(f"dev{k}", light, model.phase_tables[light], groups=("hil",),
-                                 sensor={"adapter": "hil"}, actuator={"adapter": "hil"}, probation={"decisions": 3})
+        port = (ports or {}).get(f"dev{k}", local_fleet.port)
+        local_fleet.write_device(f"dev{k}", light, model.phase_tables[light], groups=("hil",), hil=True,
+                                 probation={"decisions": 3}, broker={"port": port})
     local_fleet.init_keys()
     local_fleet.start_broker()
     for k in range(len(lights)):
@@ -108,7 +110,12 @@ def hil_fleet(local_fleet: Any, fleet_models: dict[int, Any]) -> Iterator[Any]:
     local_fleet.edge("deploy", "--group", "hil", "--model", str(model.path), "--until", "staged", "--timeout", "60",
                      check=True)
     local_fleet.lights = lights
-    yield local_fleet
+    return local_fleet
+
+
+@pytest.fixture
+def hil_fleet(local_fleet: Any, fleet_models: dict[int, Any]) -> Any:
+    return start_hil_fleet(local_fleet, fleet_models[1])
 
 
 def hil_command(reled_command: list[str], fleet: Any, out: Path, *extra: str) -> list[str]:
@@ -243,3 +250,103 @@ def test_device_answering_nonsense_is_refused(local_fleet: Any, fleet_models: di
     assert report["total_violations"] == 0
     assert report["events"][0]["kind"] == "invalid"
     assert len(report["undriven"]) == 3  # the other lights had no device: the plant's plan ran them
+
+
+async def _forward_late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+    """Copy ``reader`` to ``writer``, each chunk ``delay`` seconds after it arrived, in order."""
+    loop = asyncio.get_running_loop()
+    held: asyncio.Queue = asyncio.Queue()
+    releasing = asyncio.ensure_future(_release(held, writer, loop))
+    while True:
+        data = await reader.read(65536)
+        held.put_nowait((loop.time() + delay, data))
+        if not data:
+            break
+    await releasing
+
+
+async def _release(held: asyncio.Queue, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop) -> None:
+    while True:
+        due, data = await held.get()
+        if not data:
+            break
+        await asyncio.sleep(max(0.0, due - loop.time()))
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+class DelayingLink:
+    """A TCP hop that holds every byte for ``delay`` seconds each way, in order: what `tc netem delay` does, for
+    kernels without netem (this machine's): the daemon behind it talks to the broker over a real, slow link."""
+
+    def __init__(self, target_port: int, delay: float):
+        from edge_runtime.fleet.local import free_port
+
+        self.port, self.target_port, self.delay = free_port(target_port), target_port, delay
+        self.loop = asyncio.new_event_loop()
+        self.started = threading.Event()
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self._serve(),), daemon=True)
+        self.thread.start()
+        assert self.started.wait(10), "the delaying link did not start"
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        try:
+            await asyncio.gather(_forward_late(reader, up_writer, self.delay),
+                                 _forward_late(up_reader, writer, self.delay))
+        finally:
+            writer.close()
+            up_writer.close()
+
+    async def _serve(self) -> None:
+        server = await asyncio.start_server(self._connection, "127.0.0.1", self.port)
+        self.stopping = asyncio.Event()
+        self.started.set()
+        async with server:
+            await self.stopping.wait()
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def close(self) -> None:
+        """Stop listening, drop the connections (the daemon behind it sees its link cut) and end the thread."""
+        self.loop.call_soon_threadsafe(self.stopping.set)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture
+def delaying_link() -> Iterator[Callable[[int, float], DelayingLink]]:
+    links: list[DelayingLink] = []
+
+    def start(port: int, delay: float) -> DelayingLink:
+        links.append(DelayingLink(port, delay))
+        return links[-1]
+
+    yield start
+    for link in links:
+        link.close()
+
+
+def test_link_delay_beyond_the_deadline(local_fleet: Any, fleet_models: dict[int, Any],
+                                        delaying_link: Callable[[int, float], DelayingLink], reled_command: list[str],
+                                        tmp_path: Path) -> None:
+    """dev2 sits behind a link holding every packet 200 ms each way (400 ms round trip) and the plant waits 150 ms:
+    each of its answers is late, counted, and its light runs the fixed-time plan; the run completes safely and the
+    other devices are unaffected. (`fleet up --netem "delay 200ms"` gives the same link where the kernel has netem;
+    this machine's has not, so the test delays in a user-space hop.)"""
+    slow = delaying_link(local_fleet.port, 0.2)
+    fleet = start_hil_fleet(local_fleet, fleet_models[1], ports={"dev2": slow.port})
+    out = tmp_path / "hil"
+    proc = subprocess.run(hil_command(reled_command, fleet, out, "--speed", "max", "--deadline-ms", "150"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = read_report(out)
+    dev2 = report["devices"]["dev2"]
+    assert dev2["answered"] == 0 and dev2["missing"] == report["decisions"], dev2
+    assert dev2["late"] >= report["decisions"] // 2, dev2  # its answers did come, after the deadline
+    assert all(d["missing"] == 0 for name, d in report["devices"].items() if name != "dev2")
+    assert report["total_violations"] == 0
+    assert [e["kind"] for e in report["events"] if e["device"] == "dev2"] == ["missing"]
