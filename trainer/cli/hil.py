@@ -62,3 +62,56 @@ def run_command(
             console.print(f"wrote {path}")
     if report.total_violations:
         raise typer.Exit(1)
+
+
+def loop_command(
+    run: Annotated[Path, typer.Option(help="The training run (IPPO or RELED) the fleet's model was exported from.")],
+    fleet: Annotated[Path, typer.Option(help="Fleet folder from `reled-edge fleet up --hil` (with its collector).")],
+    out: Annotated[Path, typer.Option(help="The loop's folder: loop.json and, per cycle, its rollouts, updated run, "
+                                           "model and HIL reports. Run again to continue.")],
+    cycles: Annotated[int, typer.Option(min=1, help="Cycles finished when the command returns (finished ones are "
+                                                    "kept).")] = 1,
+    scenario: Annotated[str | None, typer.Option(help="Check that the run was trained on this scenario \\[default: "
+                                                      "the run's].")] = None,
+    canary: Annotated[str | None, typer.Option(help="The device that tries each new model first \\[default: the "
+                                                    "first device].")] = None,
+    margin: Annotated[float, typer.Option(help="The canary run's delay may exceed the active model's by this "
+                                               "fraction at most.")] = 0.05,
+    speed: Annotated[str, typer.Option(help="HIL pacing: simulated seconds per wall second, or max.")] = "max",
+    seed: Annotated[int, typer.Option(help="SUMO seed of both HIL runs of a cycle (paired comparison).")] = 0,
+    demand: str = DEMAND,
+    episode_seconds: Annotated[float | None, typer.Option(help="Simulate this long per HIL run \\[default: the "
+                                                                "scenario's episode].")] = None,
+    deadline_ms: Annotated[float, typer.Option(help="The HIL runs' answer deadline.")] = 250.0,
+    updates: Annotated[int, typer.Option(min=1, help="Training updates per cycle.")] = 1,
+    street_share: Annotated[float, typer.Option(help="Street rows' share of each update's batch at most.")] = 0.5,
+    rho_max: Annotated[float, typer.Option(help="Truncation of the importance weights π/μ.")] = 1.0,
+) -> None:
+    """The closed loop: per cycle, a HIL run with the active model (the devices' rollouts come back through the
+    collector), an update of the run on those rows mixed with simulation, an export, the new model on a canary
+    device, a second HIL run on the same seed that must keep the delay within --margin, then the rest of the fleet
+    (or a rollback of the canary). Every row is counted from the devices' outboxes to the update."""
+    from rich.table import Table
+
+    from trainer.hil.loop import LoopSettings, run_loop
+    from trainer.marl.run_folder import read_config
+
+    if scenario is not None and read_config(run).scenario != scenario:
+        raise RELEDError(f"{run} was trained on {read_config(run).scenario}, not {scenario}")
+    settings = LoopSettings(run=run, fleet=fleet, out=out, cycles=cycles, canary=canary, margin=margin,
+                            speed=parse_speed(speed), seed=seed, demand=demand, episode_seconds=episode_seconds,
+                            deadline_ms=deadline_ms, updates=updates, street_share=street_share, rho_max=rho_max)
+    records = run_loop(settings, progress=lambda text: console.print(text, highlight=False))
+    table = Table(title=f"closed loop on {fleet.name}: {len(records)} cycle(s)")
+    for column in ("cycle", "version", "rows recorded", "collected", "kept", "dropped", "lost", "param Δ",
+                   "actions changed", "delay active (s)", "delay canary (s)", "gate"):
+        table.add_column(column, justify="right")
+    for r in records:
+        rows, update = r["rows"], r["update"]
+        table.add_row(str(r["cycle"]), f"v{r['policy_version']}", str(rows["recorded"]), str(rows["collected"]),
+                      str(rows["kept"]), str(rows["dropped"]), str(rows["lost"]),
+                      f"{update['param_distance']:.3f}", f"{update['disagreement']:.1%}",
+                      f"{r['active']['avg_delay']:.2f}", f"{r['canary_run']['avg_delay']:.2f}",
+                      "passed" if r["gate"]["passed"] else "refused: " + "; ".join(r["gate"]["reasons"]))
+    console.print(table)
+    console.print(f"wrote {out / 'loop.json'}")

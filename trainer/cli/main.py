@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.logging import RichHandler
 
-from trainer.cli import demos, evaluate, export, hil, scenarios, train
+from trainer.cli import demos, evaluate, export, hil, scenarios, train, update
 from trainer.cli.common import err_console, user_errors
 from trainer.cli.options import SettingsCommand, with_option_groups
 
@@ -40,6 +40,7 @@ command(app, "eval", evaluate.eval_command)
 command(app, "train", train.train_command)
 command(app, "compare", train.compare_command)
 command(app, "export", export.export_command)
+command(app, "update", update.update_command)
 
 scenario_group = group(app, "scenario", "Inspect and import scenarios.")
 # `reled scenarios` is the spelling the docs and error messages use; `reled scenario list` stays, hidden.
@@ -53,3 +54,4 @@ command(demos_group, "show", demos.show_command)
 
 hil_group = group(app, "hil", "Hardware-in-the-loop: a fleet's controllers drive a SUMO city over MQTT.")
 command(hil_group, "run", hil.run_command)
+command(app, "loop", hil.loop_command)

@@ -41,14 +41,13 @@ class PPOLearner:
     def prepare(self, episodes: list[Episode]) -> RolloutBatch:
         """Old log-probs, values, GAE advantages and returns under the current networks."""
         self._update_return_norm(episodes)
-        scale = float(torch.sqrt(self.return_norm.var + 1e-8)) if self.ppo.normalize_returns else 1.0
+        scale = self.reward_scale()
         parts = []
         for ep in episodes:
             obs = torch.from_numpy(ep.obs)
             all_obs = torch.cat([obs, torch.from_numpy(ep.last_obs)[None]])  # [T+1, N, F]
             raw_critic_in = critic_inputs(all_obs, self.centralized)
-            values = self.critic(self._normalized_critic_in(raw_critic_in.flatten(0, 1)))
-            values = values.reshape(all_obs.shape[0], -1)
+            values = self.values(raw_critic_in.flatten(0, 1)).reshape(all_obs.shape[0], -1)
             rewards = torch.from_numpy(ep.rewards).float() / scale
             advantages, returns = gae(rewards, values[:-1], values[-1], self.ppo.gamma, self.ppo.gae_lambda)
             masks = torch.from_numpy(ep.masks)
@@ -60,6 +59,15 @@ class PPOLearner:
                 critic_in=raw_critic_in[:-1].flatten(0, 1),
                 from_expert=torch.from_numpy(ep.from_expert).flatten(), weight=torch.zeros(actions.numel())))
         return RolloutBatch.concat(parts)
+
+    def reward_scale(self) -> float:
+        """What rewards are divided by: the running std of the discounted return (1 without normalization)."""
+        return float(torch.sqrt(self.return_norm.var + 1e-8)) if self.ppo.normalize_returns else 1.0
+
+    @torch.no_grad()
+    def values(self, raw_critic_in: torch.Tensor) -> torch.Tensor:
+        """The critic's values [B] of raw critic inputs [B, C]."""
+        return self.critic(self._normalized_critic_in(raw_critic_in))
 
     def _update_return_norm(self, episodes: list[Episode]) -> None:
         if self.ppo.normalize_returns:
@@ -76,7 +84,8 @@ class PPOLearner:
 
     # -- loss and update -------------------------------------------------------------------
     def loss_terms(self, mb: RolloutBatch) -> dict[str, torch.Tensor]:
-        """Weighted terms whose sum is minimized; PPO's terms use only the agents' own rows."""
+        """Weighted terms whose sum is minimized; PPO's terms use only the agents' own rows, each row's policy
+        term scaled by its importance weight (1 on simulated rows; street rows: trainer.marl.street)."""
         agent = ~mb.from_expert
         dist = self.actor.distribution(mb.obs[agent], mb.masks[agent])
         log_probs = dist.log_prob(mb.actions[agent])
@@ -92,7 +101,7 @@ class PPOLearner:
                 "clip_fraction": float(((ratio - 1).abs() > self.ppo.clip).float().mean()),
             }
         terms = {
-            "policy": -torch.min(ratio * adv, clipped * adv).mean(),
+            "policy": -(mb.is_weight[agent] * torch.min(ratio * adv, clipped * adv)).mean(),
             "value": self.ppo.value_coef * (values - mb.returns[agent]).square().mean(),
             "entropy": -self.ppo.entropy_coef * dist.entropy().mean(),
         }

@@ -77,13 +77,23 @@ class CsvLog:
 
     def truncate_after(self, update: int) -> None:
         rows = self.read()
-        if not rows:
-            return
-        self.columns = list(rows[0])
+        if rows:
+            self._rewrite(list(rows[0]), [r for r in rows if int(r["update"]) <= update])
+
+    def widen(self, columns: list[str]) -> None:
+        """Add the columns a written header lacks (a run's first street update); earlier rows leave them empty."""
+        if self.columns is None:
+            return  # no header yet: the first row sets it
+        missing = [c for c in columns if c not in self.columns]
+        if missing:
+            self._rewrite([*self.columns, *missing], self.read())
+
+    def _rewrite(self, columns: list[str], rows: list[dict[str, str]]) -> None:
+        self.columns = columns
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=self.columns)
+        writer = csv.DictWriter(text, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(r for r in rows if int(r["update"]) <= update)
+        writer.writerows(rows)
         atomic_write_text(self.path, text.getvalue())
 
     def append(self, row: dict[str, Any]) -> None:

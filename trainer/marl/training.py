@@ -4,15 +4,18 @@ One update = ``episodes_per_update`` sampled episodes → GAE → epochs of mini
 ``eval_every`` updates the policy plays ``eval_episodes`` greedy episodes; the best evaluation
 keeps ``best.pt``. The last update ends with ``LAST_N`` greedy episodes of the final policy, whose
 mean delay is the run's headline figure (what a deployed policy would show, not its best episode).
+Extra updates (``extra_updates``: street rollouts, ``trainer.marl.street_update``) run the same update with
+more rows added to its batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,8 @@ from trainer.scenarios import get_scenario
 
 log = logging.getLogger(__name__)
 UpdateHook = Callable[[dict[str, Any]], None]
+# rows added to an update's batch (street rollouts): (learner, batch) -> (the larger batch, metrics.csv columns)
+BatchExtension = Callable[[PPOLearner, RolloutBatch], tuple[RolloutBatch, dict[str, Any]]]
 SEED_STRIDE = 100_000  # training episode k of seed s plays SUMO seed s * SEED_STRIDE + k
 PERIODIC_EVAL_SEED = 1_000  # periodic evaluation episode k plays SUMO seed 1000 + k
 SED_STATS = ("sed_seconds", "sed/D_mean", "sed/B_mean", "sed/replaced")  # metrics.csv, empty without a pass
@@ -135,29 +140,48 @@ class TrainingRun:
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self, on_update: UpdateHook | None = None, workers: RolloutWorkers | None = None) -> RunProgress:
+        with self._updating(on_update, workers) as update:
+            while not self.progress.finished:
+                update(None)
+        return self.progress
+
+    def extra_updates(self, n: int, extend: BatchExtension, on_update: UpdateHook | None = None,
+                      workers: RolloutWorkers | None = None) -> list[dict[str, Any]]:
+        """``n`` updates beyond the schedule, each batch grown by ``extend``. Each evaluates its policy and makes
+        it best.pt (what the run deploys next); they never finish a run nor run a SED pass."""
+        with self._updating(on_update, workers) as update:
+            return [update(extend) for _ in range(n)]
+
+    @contextlib.contextmanager
+    def _updating(self, on_update: UpdateHook | None, workers: RolloutWorkers | None,
+                  ) -> Iterator[Callable[[BatchExtension | None], dict[str, Any]]]:
+        """Workers and TensorBoard open for a series of updates; yields the function doing one update."""
         torch.set_num_threads(self.config.threads)
         spec = ActorSpec(self.config.ppo.hidden, self.config.ppo.layers, self.config.ppo.normalize_obs)
         pool = workers or ProcessWorkers(self.config.workers, self.config.env, spec)
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
 
         writer = SummaryWriter(str(self.folder / "tb"), purge_step=self.progress.agent_steps or None)
+
+        def update(extend: BatchExtension | None) -> dict[str, Any]:
+            row = self._update(pool, extend)
+            for key, value in row.items():
+                if isinstance(value, float) and math.isfinite(value):
+                    writer.add_scalar(key, value, self.progress.agent_steps)
+            if on_update:
+                on_update(row)
+            return row
+
         try:
-            while not self.progress.finished:
-                row = self._update(pool)
-                writer_step = self.progress.agent_steps
-                for key, value in row.items():
-                    if isinstance(value, float) and math.isfinite(value):
-                        writer.add_scalar(key, value, writer_step)
-                if on_update:
-                    on_update(row)
+            yield update
         finally:
             writer.close()
             if workers is None:
                 pool.close()
-        return self.progress
 
-    def _update(self, pool: RolloutWorkers) -> dict[str, Any]:
+    def _update(self, pool: RolloutWorkers, extend: BatchExtension | None = None) -> dict[str, Any]:
         cfg, progress = self.config, self.progress
+        extra = extend is not None  # an update beyond the schedule (extra_updates)
         start = time.perf_counter()
         jobs = [EpisodeJob(cfg.seed * SEED_STRIDE + progress.episodes + k) for k in range(cfg.episodes_per_update)]
         episodes = pool.collect(self.learner.actor.state_dict(), jobs)
@@ -172,27 +196,31 @@ class TrainingRun:
             batch = RolloutBatch.concat([batch, self.objective.expert_rows(weights, batch.critic_in.shape[1])])
             hpo_stats = {**weight_summary(weights, self.objective.sigma),
                          "hpo_seconds": time.perf_counter() - hpo_start, **dict.fromkeys(SED_STATS)}
+        extra_stats: dict[str, Any] = {}
+        if extend is not None:
+            batch, extra_stats = extend(self.learner, batch)
         stats = self.learner.update(batch, lr)
         self.learner.observe(episodes)
         learned = time.perf_counter()
         progress.updates += 1
         progress.episodes += len(episodes)
         progress.agent_steps += sum(ep.agent_steps for ep in episodes)
-        final = progress.agent_steps >= cfg.steps
+        final = not extra and progress.agent_steps >= cfg.steps
         if self.objective is not None:
             for w in weights:
                 self.hpo_log.append({"update": progress.updates, "agent_steps": progress.agent_steps,
                                      "agent": self.agents[w.agent], "weight": w.weight, "distance": w.distance,
                                      "expert_return": w.expert_return, "agent_return": w.agent_return,
                                      "gap": w.gap})
-            if cfg.hpo.refines and progress.updates % cfg.hpo.sed_every == 0 and not final:
+            if cfg.hpo.refines and progress.updates % cfg.hpo.sed_every == 0 and not final and not extra:
                 hpo_stats |= self._sed_pass()
         eval_delay = None
-        if final or progress.updates % cfg.eval_every == 0:
+        if final or extra or progress.updates % cfg.eval_every == 0:
             eval_delay = self._evaluate(pool, LAST_N if final else cfg.eval_episodes, final,
                                         progress.wall_seconds + time.perf_counter() - start)
         progress.wall_seconds += time.perf_counter() - start
-        progress.finished = final
+        if not extra:
+            progress.finished = final
         row = {
             "update": progress.updates, "agent_steps": progress.agent_steps, "episodes": progress.episodes,
             "wall_seconds": progress.wall_seconds,
@@ -205,9 +233,11 @@ class TrainingRun:
             "sim_seconds": sum(ep.sim_seconds for ep in episodes),
             "policy_seconds": sum(ep.policy_seconds for ep in episodes),
             **hpo_stats,
+            **extra_stats,
         }
+        self.metrics.widen(list(extra_stats))
         self.metrics.append(row)
-        self._checkpoint(eval_delay)
+        self._checkpoint(eval_delay, replace_best=extra)
         return row
 
     def _sed_pass(self) -> dict[str, Any]:
@@ -246,9 +276,9 @@ class TrainingRun:
                                      **{k: ep.metrics[k] for k in EVAL_COLUMNS[5:]}})
         return _mean(ep.metrics["avg_delay"] for ep in episodes)
 
-    def _checkpoint(self, eval_delay: float | None) -> None:
+    def _checkpoint(self, eval_delay: float | None, replace_best: bool = False) -> None:
         progress = self.progress
-        improved = eval_delay is not None and eval_delay < progress.best_delay
+        improved = eval_delay is not None and (replace_best or eval_delay < progress.best_delay)
         if improved:
             progress.best_delay, progress.best_update = float(eval_delay), progress.updates
         payload = {"algo": self.config.algo, "scenario": self.config.scenario, "demand": self.config.demand,

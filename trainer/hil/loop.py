@@ -1,0 +1,282 @@
+"""`reled loop`: the closed loop from the street back to training, one cycle at a time, on a HIL fleet.
+
+A cycle:
+
+1. **street**: a HIL run with the active model on every device; the devices record each decision in their
+   outbox and the fleet's collector writes the batches (exactly once) under ``FLEET/rollouts``;
+2. **accounting**: once every outbox is empty, the rows the devices say they recorded since the last cycle are
+   matched against the rows collected (lost = recorded − collected) and handed to the update, which counts each
+   one as kept or dropped with its reason (duplicates included): nothing disappears unaccounted;
+3. **update**: :func:`~trainer.marl.street_update.update_from_street` trains a copy of the current run on those
+   rows mixed with simulation (off-policy corrected), and the result is exported with the next policy version;
+4. **canary**: the new model goes to one device; a second HIL run on the same seed (the canary on the new
+   model, the rest on the active one) must keep the delay within ``margin`` of the active model's, with no
+   safety violation and the canary committed; then the rest of the fleet gets it (committed during the next
+   HIL run), else the canary is rolled back and the next cycle starts again from the previous run.
+
+``LOOP/loop.json`` records every finished cycle, so `reled loop` continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.device.device_config import DeviceConfig, device_files
+from edge_runtime.errors import RELEDError
+from edge_runtime.fileio import atomic_write_text
+from edge_runtime.fleet.deploy import FAILED, deploy, rollback
+from edge_runtime.fleet.local import read_record
+from edge_runtime.fleet.server import Model, ServerLink, server_address
+from edge_runtime.keys import KeyFolder
+from edge_runtime.policy import OnnxPolicy
+from edge_runtime.rollouts import COLUMNS
+from trainer.hil.run import HilReport, HilSettings, run_hil
+
+log = logging.getLogger(__name__)
+LOOP_FILE = "loop.json"
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    run: Path  # the training run the fleet's model came from (IPPO or RELED)
+    fleet: Path  # a `reled-edge fleet up --hil` folder with a collector
+    out: Path  # the loop's folder: loop.json, and per cycle its rollouts, run copy, model and HIL reports
+    cycles: int = 1  # cycles to have finished when the command returns (finished ones are not run again)
+    canary: str | None = None  # None: the first device
+    margin: float = 0.05  # the canary's delay may exceed the active model's by this fraction at most
+    speed: float | None = None  # HIL pacing (None: as fast as the devices answer)
+    seed: int = 0  # SUMO seed of both HIL runs of a cycle (the same traffic, so the comparison is paired)
+    demand: str = "moderate"
+    episode_seconds: float | None = None
+    deadline_ms: float = 250.0
+    updates: int = 1
+    street_share: float = 0.5
+    rho_max: float = 1.0
+    flush_timeout: float = 120.0  # seconds to wait for the devices' outboxes to empty after a run
+
+
+class Fleet:
+    """The loop's view of the fleet: its device files, its collector's folder, a server connection."""
+
+    def __init__(self, folder: Path):
+        record = read_record(folder)
+        if record is None or not record.get("hil"):
+            raise RELEDError(f"{folder} is not a hardware-in-the-loop fleet: start one with `reled-edge fleet up "
+                             "--hil --model POLICY.onnx --dir DIR`")
+        if not isinstance(record.get("collector"), dict):
+            raise RELEDError(f"the fleet in {folder} runs no collector, so its rollouts never come back: start it "
+                             "with `reled-edge fleet up --hil --collect`")
+        self.folder = folder
+        self.record = record
+        self.rollouts = folder / record["collector"]["out"]
+        self.configs: dict[str, DeviceConfig] = {c.id: c for c in device_files(folder / "devices").values() if c.hil}
+        keys = KeyFolder(folder / "keys")
+        self.server = ServerLink(keys, server_address(keys, folder / "broker", None, None), "loop").start()
+
+    def close(self) -> None:
+        self.server.close()
+
+    @property
+    def lights(self) -> dict[str, str]:
+        """device id → light id."""
+        return {device: config.device.intersection for device, config in self.configs.items()}
+
+    def reports(self, wanted: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, dict]:
+        """Every device's report, once each satisfies ``wanted``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.server.pump(0.05)
+            reports = {d: self.server.reported.get(d) or {} for d in self.configs}
+            if all(wanted(r) for r in reports.values()):
+                return reports
+            if time.monotonic() > deadline:
+                late = sorted(d for d, r in reports.items() if not wanted(r))
+                raise RELEDError(f"timed out after {timeout:g} s waiting for {what} on {late}")
+
+    def recorded(self, timeout: float) -> dict[str, int]:
+        """Rows each device has recorded, once its outbox holds none the collector has not acknowledged."""
+        reports = self.reports(lambda r: r.get("outbox_rows") == 0 and r.get("decisions") is not None, timeout,
+                               "every outbox to be emptied by the collector")
+        return {device: int(report["decisions"]) for device, report in reports.items()}
+
+    def batch_files(self) -> set[str]:
+        return {str(p.relative_to(self.rollouts)) for p in self.rollouts.glob("*/*/*.npz")}
+
+    def deploy(self, model: Path, devices: list[str]) -> None:
+        """``model`` verified and staged on ``devices`` (HIL devices commit it during the next run)."""
+        targets = deploy(self.server, Model.load(model), [self.configs[d] for d in devices], timeout=120.0,
+                         until_staged=True)
+        failed = [f"{t.device}: {t.detail}" for t in targets if t.outcome == FAILED]
+        if failed:
+            raise RELEDError(f"deploying {model.name} failed on {'; '.join(failed)}")
+
+    def active(self, device: str) -> dict[str, Any]:
+        self.server.pump(0.2)
+        report = self.server.reported.get(device) or {}
+        return {"state": report.get("state"), **(report.get("active") or {})}
+
+
+def rows_in(folder: Path, files: set[str]) -> int:
+    total = 0
+    for name in files:
+        with np.load(folder / name, allow_pickle=False) as data:
+            total += len(data[next(iter(COLUMNS))])
+    return total
+
+
+def copy_batches(source: Path, files: set[str], target: Path) -> None:
+    """The cycle's batches, hard-linked (copied across file systems) into the cycle's own rollouts folder."""
+    for name in sorted(files):
+        dest = target / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source / name, dest)
+        except OSError:
+            shutil.copy2(source / name, dest)
+
+
+def hil_summary(report: HilReport) -> dict[str, Any]:
+    return {"avg_delay": report.metrics["avg_delay"], "avg_travel_time": report.metrics["avg_travel_time"],
+            "throughput": report.metrics["throughput"], "violations": report.total_violations,
+            "missing": sum(d["missing"] for d in report.devices.values()), "decisions": report.decisions,
+            "wall_seconds": report.wall_seconds}
+
+
+class Loop:
+    """The loop's state (``LOOP/loop.json``) and its cycles."""
+
+    def __init__(self, settings: LoopSettings, progress: Progress = log.info):
+        self.settings = settings
+        self.progress = progress
+        self.path = settings.out / LOOP_FILE
+        if self.path.exists():
+            self.state = json.loads(self.path.read_text())
+            if Path(self.state["fleet"]) != settings.fleet.resolve():
+                raise RELEDError(f"{settings.out} is the loop of fleet {self.state['fleet']}: give that --fleet, "
+                                 "or a new --out")
+        else:
+            self.state = {"run": str(settings.run.resolve()), "fleet": str(settings.fleet.resolve()),
+                          "current_run": str(settings.run.resolve()), "active_model": None, "versions": [],
+                          "recorded": None, "seen": None, "cycles": []}
+
+    def save(self) -> None:
+        self.settings.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps(self.state, indent=1) + "\n")
+
+    def run(self) -> list[dict[str, Any]]:
+        """Cycles until ``settings.cycles`` are finished; returns every cycle's record."""
+        fleet = Fleet(self.settings.fleet)
+        try:
+            self._start(fleet)
+            while len(self.state["cycles"]) < self.settings.cycles:
+                self.state["cycles"].append(self._cycle(fleet, len(self.state["cycles"]) + 1))
+                self.save()
+        finally:
+            fleet.close()
+        return self.state["cycles"]
+
+    def _start(self, fleet: Fleet) -> None:
+        """On the first cycle: the fleet's model is the active one, and the rows already recorded and collected
+        before the loop are not the loop's (an accounting baseline)."""
+        if self.state["active_model"] is None:
+            model = Path(fleet.record["model"])
+            self.state["active_model"] = str(model)
+            self.state["versions"] = [OnnxPolicy(model).meta.policy_version]
+        if self.state["recorded"] is None:
+            self.state["recorded"] = fleet.recorded(self.settings.flush_timeout)
+            self.state["seen"] = sorted(fleet.batch_files())
+        self.save()
+
+    def _hil(self, folder: Path) -> HilReport:
+        from trainer.hil.report import write_report
+        from trainer.marl.run_folder import read_config
+
+        s = self.settings
+        config = read_config(Path(self.state["current_run"]))
+        report = run_hil(HilSettings(scenario=config.scenario, fleet=s.fleet.resolve(), speed=s.speed,
+                                     demand=s.demand, seed=s.seed, deadline_ms=s.deadline_ms,
+                                     episode_seconds=s.episode_seconds))
+        write_report(report, folder)
+        return report
+
+    def _cycle(self, fleet: Fleet, number: int) -> dict[str, Any]:
+        from trainer.export import ExportRequest, export_policy
+        from trainer.marl.street_update import update_from_street
+
+        s, state = self.settings, self.state
+        folder = s.out / f"cycle{number}"
+        shutil.rmtree(folder, ignore_errors=True)  # an unfinished cycle starts again
+        folder.mkdir(parents=True)
+        devices = sorted(fleet.configs)
+        canary = s.canary or devices[0]
+        if canary not in fleet.configs:
+            raise RELEDError(f"--canary {canary!r} is not a HIL device of the fleet: choose one of {devices}")
+
+        self.progress(f"cycle {number}: HIL run, the active model on every device")
+        active = self._hil(folder / "hil_active")
+        recorded = fleet.recorded(s.flush_timeout)
+        new_files = fleet.batch_files() - set(state["seen"])
+        rows = {"recorded": sum(recorded[d] - state["recorded"].get(d, 0) for d in recorded),
+                "collected": rows_in(fleet.rollouts, new_files), "batches": len(new_files)}
+        rows["lost"] = rows["recorded"] - rows["collected"]
+        copy_batches(fleet.rollouts, new_files, folder / "rollouts")
+        state["recorded"], state["seen"] = recorded, sorted(set(state["seen"]) | new_files)
+
+        self.progress(f"cycle {number}: update on {rows['collected']} street rows mixed with simulation")
+        update = update_from_street(Path(state["current_run"]), folder / "rollouts", fleet.lights,
+                                    state["versions"], updates=s.updates, street_share=s.street_share,
+                                    rho_max=s.rho_max, out=folder / "run")
+        rows.update(read=update.read, kept=update.kept, dropped=update.dropped,
+                    dropped_by_reason={k: v for k, v in update.counts.items() if v and k != "kept"})
+        version = max(state["versions"]) + 1
+        model = folder / "policy.onnx"
+        self.progress(f"cycle {number}: export policy v{version}")
+        export_policy(ExportRequest(out=model, run=folder / "run" / "latest.pt", policy_version=version,
+                                    holdout_decisions=60))
+        state["versions"].append(version)
+
+        self.progress(f"cycle {number}: canary {canary} gets v{version}; HIL run on the same seed")
+        fleet.deploy(model, [canary])
+        trial = self._hil(folder / "hil_canary")
+        canary_state = fleet.active(canary)
+        new_sha = Model.load(model).sha256
+        limit = active.metrics["avg_delay"] * (1 + s.margin)
+        reasons = [why for bad, why in (
+            (trial.metrics["avg_delay"] > limit, f"delay {trial.metrics['avg_delay']:.2f} s > {limit:.2f} s "
+                                                 f"(active {active.metrics['avg_delay']:.2f} s + {s.margin:.0%})"),
+            (trial.total_violations > 0, f"{trial.total_violations} safety violations"),
+            (canary_state.get("sha256") != new_sha or canary_state.get("state") != "COMMITTED",
+             f"the canary did not commit v{version} (it reports {canary_state.get('state')})"),
+        ) if bad]
+        passed = not reasons
+        if passed:
+            rest = [d for d in devices if d != canary]
+            self.progress(f"cycle {number}: gate passed; v{version} to {len(rest)} more device(s)")
+            if rest:
+                fleet.deploy(model, rest)
+            state["active_model"], state["current_run"] = str(model), str(folder / "run")
+        else:
+            self.progress(f"cycle {number}: gate refused ({'; '.join(reasons)}); rolling {canary} back")
+            rollback(fleet.server, canary)
+        return {"cycle": number, "policy_version": version, "model": str(model), "canary": canary,
+                "rows": rows, "update": {k: v for k, v in update.as_dict().items() if k not in ("counts", "run")},
+                "active": hil_summary(active), "canary_run": hil_summary(trial),
+                "gate": {"passed": passed, "reasons": reasons, "margin": s.margin, "limit": limit}}
+
+
+def run_loop(settings: LoopSettings, progress: Progress = log.info) -> list[dict[str, Any]]:
+    if settings.cycles < 1 or settings.margin < 0:
+        raise RELEDError(f"--cycles must be >= 1 (got {settings.cycles}) and --margin >= 0 (got {settings.margin})")
+    return Loop(replace(settings, fleet=settings.fleet.resolve(), out=settings.out.resolve()), progress).run()
+
