@@ -153,6 +153,21 @@ def hil_summary(report: HilReport) -> dict[str, Any]:
             "wall_seconds": report.wall_seconds}
 
 
+def judge_canary(active_delay: float, canary_delay: float, violations: int, committed: bool,
+                 margin: float) -> dict[str, Any]:
+    """The canary gate: the run with the canary on the new model keeps the delay within ``margin`` (a fraction)
+    of the active model's on the same traffic, shows no unsafe state, and the canary committed the model."""
+    limit = active_delay * (1 + margin)
+    reasons = [why for bad, why in (
+        (not canary_delay <= limit, f"delay {canary_delay:.2f} s > {limit:.2f} s (active {active_delay:.2f} s + "
+                                    f"{margin:.0%})"),
+        (violations > 0, f"{violations} safety violations"),
+        (not committed, "the canary did not commit the new model during the run"),
+    ) if bad]
+    return {"passed": not reasons, "reasons": reasons, "active_delay": active_delay, "canary_delay": canary_delay,
+            "limit": limit, "margin": margin}
+
+
 class Loop:
     """The loop's state (``LOOP/loop.json``) and its cycles."""
 
@@ -249,17 +264,11 @@ class Loop:
         self.progress(f"cycle {number}: canary {canary} gets v{version}; HIL run on the same seed")
         fleet.deploy(model, [canary])
         trial = self._hil(folder / "hil_canary")
-        canary_state = fleet.active(canary)
-        new_sha = Model.load(model).sha256
-        limit = active.metrics["avg_delay"] * (1 + s.margin)
-        reasons = [why for bad, why in (
-            (trial.metrics["avg_delay"] > limit, f"delay {trial.metrics['avg_delay']:.2f} s > {limit:.2f} s "
-                                                 f"(active {active.metrics['avg_delay']:.2f} s + {s.margin:.0%})"),
-            (trial.total_violations > 0, f"{trial.total_violations} safety violations"),
-            (canary_state.get("sha256") != new_sha or canary_state.get("state") != "COMMITTED",
-             f"the canary did not commit v{version} (it reports {canary_state.get('state')})"),
-        ) if bad]
-        passed = not reasons
+        committed = fleet.active(canary)
+        gate = judge_canary(active.metrics["avg_delay"], trial.metrics["avg_delay"], trial.total_violations,
+                            committed.get("sha256") == Model.load(model).sha256 and
+                            committed.get("state") == "COMMITTED", s.margin)
+        passed, reasons = gate["passed"], gate["reasons"]
         if passed:
             rest = [d for d in devices if d != canary]
             self.progress(f"cycle {number}: gate passed; v{version} to {len(rest)} more device(s)")
@@ -272,7 +281,7 @@ class Loop:
         return {"cycle": number, "policy_version": version, "model": str(model), "canary": canary,
                 "rows": rows, "update": {k: v for k, v in update.as_dict().items() if k not in ("counts", "run")},
                 "active": hil_summary(active), "canary_run": hil_summary(trial),
-                "gate": {"passed": passed, "reasons": reasons, "margin": s.margin, "limit": limit}}
+                "gate": gate}
 
 
 def run_loop(settings: LoopSettings, progress: Progress = log.info) -> list[dict[str, Any]]:
