@@ -139,20 +139,23 @@ def hil_background(spawn: Callable[..., subprocess.Popen], tmp_path: Path) -> Ca
 
 def test_hil_run_matches_eval_of_the_same_onnx_policy(hil_fleet: Any, fleet_models: dict[int, Any], reled: Any,
                                                        reled_command: list[str], tmp_path: Path) -> None:
-    """Every decision answered in time by the daemons gives the very traffic `reled eval --policy X.onnx` gives."""
+    """Every decision answered in time by the daemons gives the very traffic `reled eval --policy X.onnx` gives;
+    `--compare` puts both in one table."""
+    evaluated = tmp_path / "eval.json"
+    proc = reled("eval", "--scenario", "grid2x2", "--policy", str(fleet_models[1].path), "--controller", "fixed",
+                 "--seeds", "1", "--episode-seconds", EPISODE, "--json", str(evaluated))
+    assert proc.returncode == 0, proc.stderr
     out = tmp_path / "hil"
-    proc = subprocess.run(hil_command(reled_command, hil_fleet, out, "--speed", "max", "--deadline-ms", "5000"),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(hil_command(reled_command, hil_fleet, out, "--speed", "max", "--deadline-ms", "5000",
+                                      "--compare", str(evaluated)), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "HIL: 4 controller processes over MQTT" in proc.stdout and "fixed" in proc.stdout
     report = read_report(out)
     assert report["total_violations"] == 0
     assert all(d["answered"] == report["decisions"] and d["missing"] == 0 for d in report["devices"].values())
-    assert (out / "hil_timeline.png").stat().st_size > 10_000
-    evaluated = tmp_path / "eval.json"
-    proc = reled("eval", "--scenario", "grid2x2", "--policy", str(fleet_models[1].path), "--seeds", "1",
-                 "--episode-seconds", EPISODE, "--json", str(evaluated))
-    assert proc.returncode == 0, proc.stderr
-    episode = json.loads(evaluated.read_text())["episodes"][0]
+    for png in ("hil_timeline.png", "hil_vs_eval.png"):
+        assert (out / png).stat().st_size > 10_000
+    episode = next(e for e in json.loads(evaluated.read_text())["episodes"] if e["controller"].startswith("onnx:"))
     for key in ("avg_delay", "avg_travel_time", "throughput", "vehicles"):
         assert report["metrics"][key] == pytest.approx(episode[key]), key
     assert hil_fleet.state("dev0")["state"] == "COMMITTED"  # probation ran on the plant's decisions
@@ -350,3 +353,15 @@ def test_link_delay_beyond_the_deadline(local_fleet: Any, fleet_models: dict[int
     assert all(d["missing"] == 0 for name, d in report["devices"].items() if name != "dev2")
     assert report["total_violations"] == 0
     assert [e["kind"] for e in report["events"] if e["device"] == "dev2"] == ["missing"]
+
+
+def test_hil_run_refuses_bad_input(assert_one_line_error: Callable[..., None], reled: Any, tmp_path: Path) -> None:
+    """Each is one line and exit code 2, before SUMO or MQTT is touched."""
+    bad = tmp_path / "eval.json"
+    bad.write_text("{}")
+    base = ("hil", "run", "--scenario", "grid2x2", "--fleet", str(tmp_path))
+    assert_one_line_error(reled(*base), "is not a fleet folder")
+    assert_one_line_error(reled(*base, "--speed", "0"), "--speed")
+    assert_one_line_error(reled(*base, "--speed", "fast"), "--speed")
+    assert_one_line_error(reled(*base, "--compare", str(bad)), "not a `reled eval --json` file")
+    assert_one_line_error(reled(*base, "--deadline-ms", "0"), "--deadline-ms")

@@ -40,14 +40,18 @@ def run_command(
     episode_seconds: Annotated[float | None, typer.Option(help="Simulate this long \\[default: the scenario's "
                                                                 "episode].")] = None,
     out: Annotated[Path | None, typer.Option(help="Write hil_report.json and hil_timeline.png here.")] = None,
+    compare: Annotated[Path | None, typer.Option(help="A `reled eval --json` file of the same scenario: one table "
+                                                      "of its controllers and this run (and hil_vs_eval.png in "
+                                                      "--out).")] = None,
 ) -> None:
     """Run one SUMO episode whose lights are driven by the fleet's controller processes over MQTT: each decision
     sends every device its light's detector readings and waits for the signal states it times; a late, silent or
     wrong device gets the fixed-time plan for that step. Reports traffic metrics as `reled eval` does, per-device
     round-trip times, fallbacks, shield overrides and an independent audit of every state shown."""
-    from trainer.hil.report import device_table, summary_lines, write_report
+    from trainer.hil.report import compare_with_eval, device_table, load_eval, summary_lines, write_report
     from trainer.hil.run import HilSettings, run_hil
 
+    evaluated = load_eval(compare, scenario) if compare is not None else None
     settings = HilSettings(scenario=scenario, fleet=fleet.resolve(), speed=parse_speed(speed), demand=demand,
                            seed=seed, deadline_ms=deadline_ms, fallback_green=fallback_green,
                            episode_seconds=episode_seconds)
@@ -60,6 +64,14 @@ def run_command(
     if out is not None:
         for path in write_report(report, out):
             console.print(f"wrote {path}")
+    if evaluated is not None:
+        table, delays = compare_with_eval(report, evaluated)
+        console.print(table)
+        if out is not None:
+            from trainer.plots import bar_chart
+
+            title = f"{scenario}: the policy in simulation and on controller processes"
+            console.print(f"wrote {bar_chart(delays, 'average delay per vehicle (s)', title, out / 'hil_vs_eval.png')}")
     if report.total_violations:
         raise typer.Exit(1)
 

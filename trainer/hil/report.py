@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.table import Table
 
+from edge_runtime.errors import RELEDError
 from edge_runtime.fileio import atomic_write_text
 from trainer.hil.run import HilReport
 from trainer.plots import plt, save_figure
@@ -85,3 +87,37 @@ def timeline_plot(report: HilReport, path: Path) -> Path:
     fig.suptitle(f"HIL {report.settings['scenario']}: delay {report.metrics['avg_delay']:.1f} s, "
                  f"{report.total_violations} safety violations")
     return save_figure(fig, path)
+
+
+def load_eval(eval_json: Path, scenario: str) -> dict[str, Any]:
+    """A `reled eval --json` file of ``scenario`` (read before a HIL run, so a wrong file fails at once)."""
+    try:
+        evaluated = json.loads(eval_json.read_text())
+        evaluated["summary"]["avg_delay"], evaluated["episodes"]  # what the comparison reads
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RELEDError(f"--compare {eval_json}: not a `reled eval --json` file ({exc})") from None
+    if evaluated.get("scenario") != scenario:
+        raise RELEDError(f"--compare {eval_json} evaluated {evaluated.get('scenario')!r}, not {scenario!r}: compare "
+                         "runs of one scenario")
+    return evaluated
+
+
+def compare_with_eval(report: HilReport, evaluated: dict[str, Any]) -> tuple[Table, dict[str, tuple[float, float]]]:
+    """One table: every controller of a `reled eval` file (mean ± std over its seeds) and this HIL run, on the same
+    metrics; and the delays for a bar chart."""
+    summary = evaluated["summary"]
+    seeds = len({e["seed"] for e in evaluated["episodes"]})
+    keys = [k for k in ("avg_delay", "avg_travel_time", "avg_waiting_time", "throughput") if k in summary]
+    table = Table(title=f"{report.settings['scenario']} ({report.settings['demand']}): simulation "
+                        f"(`reled eval`, {seeds} seed(s)) and hardware-in-the-loop (seed {report.settings['seed']})")
+    table.add_column("controller")
+    for key in keys:
+        table.add_column(METRIC_LABELS[key], justify="right")
+    delays: dict[str, tuple[float, float]] = {}
+    for name in summary["avg_delay"]:
+        table.add_row(name, *(f"{summary[k][name]['mean']:.1f} ± {summary[k][name]['std']:.1f}" for k in keys))
+        delays[name] = (summary["avg_delay"][name]["mean"], summary["avg_delay"][name]["std"])
+    table.add_row(f"HIL: {len(report.devices)} controller processes over MQTT",
+                  *(f"{report.metrics[k]:.1f}" for k in keys), style="bold")
+    delays["HIL"] = (report.metrics["avg_delay"], 0.0)
+    return table, delays
