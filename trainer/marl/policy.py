@@ -11,16 +11,16 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from trainer.controllers import Controller
+from trainer.controllers.base import StackedController
 from trainer.env import EnvConfig, TrafficSignalEnv
 from trainer.marl.checkpoint import actor_from_checkpoint, check_scenario, load_checkpoint, trained_here
 from trainer.marl.networks import Actor
-from trainer.rollout import Decision, Observations, stack_observations
+from trainer.rollout import Decision
 from trainer.scenarios import Scenario
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class PolicyOrigin:
     zero_shot: bool  # evaluated on another scenario than the one it was trained on
 
 
-class PolicyController(Controller):
+class PolicyController(StackedController):
     """A trained actor as a controller: the most probable valid phase, or (training) a sample seeded per episode."""
 
     name: ClassVar[str] = "policy"
@@ -65,10 +65,6 @@ class PolicyController(Controller):
     def decide(self, decision: Decision) -> dict[str, int]:
         actions = choose_actions(self.actor, decision.obs, decision.masks, self.deterministic, self.generator)
         return dict(zip(decision.observations, actions.tolist(), strict=True))
-
-    def act(self, observations: Observations, infos: dict[str, dict[str, Any]]) -> dict[str, int]:
-        obs, masks = stack_observations(observations, list(observations))
-        return self.decide(Decision(observations, infos, obs, masks))
 
 
 def load_policy_controller(path: Path, scenario: Scenario, config: EnvConfig,
