@@ -46,13 +46,10 @@ class RunLights:
     n_phases: list[int]
 
 
-@dataclass
-class Screening:
-    """The kept rows and every row's outcome; ``kept + dropped == read``."""
+class RowCounts:
+    """Rows by outcome (``counts``: KEPT and every reason of REASONS); ``kept + dropped == read``."""
 
-    counts: dict[str, int]  # KEPT and every reason of REASONS
-    rows: dict[str, np.ndarray]  # the kept rows' COLUMNS, plus device, epoch and agent (index in the run)
-    unreadable: list[str]  # files none of whose rows could be read: "path: why"
+    counts: dict[str, int]
 
     @property
     def read(self) -> int:
@@ -65,6 +62,15 @@ class Screening:
     @property
     def dropped(self) -> int:
         return self.read - self.kept
+
+
+@dataclass
+class Screening(RowCounts):
+    """The kept rows and every row's outcome."""
+
+    counts: dict[str, int]  # KEPT and every reason of REASONS
+    rows: dict[str, np.ndarray]  # the kept rows' COLUMNS, plus device, epoch and agent (index in the run)
+    unreadable: list[str]  # files none of whose rows could be read: "path: why"
 
 
 def _read_files(root: Path) -> tuple[dict[str, np.ndarray], dict[str, int], list[str]]:

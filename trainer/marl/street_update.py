@@ -23,12 +23,12 @@ from trainer.marl.networks import Actor
 from trainer.marl.ppo import PPOLearner
 from trainer.marl.run_folder import read_config
 from trainer.marl.storage import RolloutBatch
-from trainer.marl.street import KEPT, RunLights, StreetRows, screen, street_batch
+from trainer.marl.street import KEPT, RowCounts, RunLights, StreetRows, screen, street_batch
 from trainer.marl.training import TrainingRun, UpdateHook
 
 
 @dataclass(frozen=True)
-class UpdateReport:
+class UpdateReport(RowCounts):
     """What one `reled update` read, kept and used, and how far the policy moved."""
 
     run: Path  # the updated run folder
@@ -47,18 +47,6 @@ class UpdateReport:
     holdout_source: str  # "street rows not used" or "given"
     eval_delay: float | None  # the updated policy's greedy evaluation delay in simulation (s)
     updates: int  # the run's updates so far
-
-    @property
-    def read(self) -> int:
-        return sum(self.counts.values())
-
-    @property
-    def kept(self) -> int:
-        return self.counts[KEPT]
-
-    @property
-    def dropped(self) -> int:
-        return self.read - self.kept
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "run": str(self.run), "read": self.read, "dropped": self.dropped}
