@@ -115,12 +115,13 @@ class Bytes:
 class List:
     item: Spec
     max_len: int
+    min_len: int = 0
 
     def check(self, value: Any, where: str) -> list[Any]:
         if type(value) is not list:
             raise _fail(where, f"expected an array, got {_kind(value)}")
-        if len(value) > self.max_len:
-            raise _fail(where, f"array longer than {self.max_len}")
+        if not self.min_len <= len(value) <= self.max_len:
+            raise _fail(where, f"array length outside {self.min_len}..{self.max_len}")
         return [self.item.check(v, f"{where}[{i}]") for i, v in enumerate(value)]
 
 
@@ -193,7 +194,7 @@ REPORTED = Obj({
                     "chunks_total": COUNTER, "probation_decisions": Opt(COUNTER),
                     "probation_needed": Opt(COUNTER)})),
     "decided": Opt(COUNTER), "faults": Opt(Map(NAME, COUNTER)), "newest_issued": Opt(TIME),
-    "hil": Opt(Map(NAME, COUNTER)),
+    "hil": Opt(Map(NAME, COUNTER)), "outbox_epoch": Opt(COUNTER),
 })
 STATUS = Obj({"online": Bool(), "device": DEVICE, "pid": Opt(COUNTER), "ts": Opt(TIME)})
 EVENT = Obj({"device": DEVICE, "kind": NAME, "detail": TEXT, "state": NAME, "ts": TIME})
@@ -211,9 +212,10 @@ COMMAND = Obj({"kind": Str(16, choices=frozenset({"deploy", "rollback"})), "devi
 RUN_ID = Str(64, DEVICE_ID)
 PHASE = Int(0, MAX_PHASES - 1)
 SHOWN = Obj({"stage": Int(0, 2), "phase": PHASE, "target": PHASE, "since": Float(0.0), "clearing": Bool()})
+READING = Float(0.0, 1e6)  # vehicles or seconds at one light: anything larger is not a reading
 HIL_OBS = Obj({"run": RUN_ID, "seq": COUNTER, "t": Float(0.0), "until": Float(0.0),
-               "per_phase": List(List(Float(0.0), 3), MAX_PHASES), "shown": SHOWN})
-LINKS = Str(1024, re.compile(r"^[GgyYrRuoOs]*$"))  # SUMO link states
+               "per_phase": List(List(READING, 3, min_len=3), MAX_PHASES, min_len=2), "shown": SHOWN})
+LINKS = Str(1024, re.compile(r"^[GgyYrsuoO]*$"))  # SUMO's link state characters
 HIL_ACT = Obj({"run": RUN_ID, "seq": COUNTER, "t": Float(0.0), "action": PHASE, "source": Int(0, 1),
                "override": Bool(), "resync": Bool(),
                "states": List(Obj({"stage": Int(0, 2), "phase": PHASE, "target": PHASE, "since": Float(0.0),

@@ -34,7 +34,7 @@ def test_audit_passes_every_sequence_the_shield_makes() -> None:
     rng = random.Random(0)
     greens = ("GGgrrr", "rrGGgr", "grrrGG")
     shield = SafetyShield(3, TIMING)
-    audit = SignalAudit(TIMING, greens[0], 0.0)
+    audit = SignalAudit(TIMING, greens, greens[0], 0.0)
     for step in range(2000):
         now = step * 2.0
         for state in [*shield.advance(now), *shield.propose(rng.randrange(3), now)]:
@@ -50,7 +50,7 @@ def test_audit_passes_every_sequence_the_shield_makes() -> None:
     ([(12.0, "Ggrr")], "no_yellow"),  # a protected green became permissive without yellow
 ])
 def test_audit_flags_each_violation(sequence: list[tuple[float, str]], kind: str) -> None:
-    audit = SignalAudit(TIMING, "GGrr", 0.0)
+    audit = SignalAudit(TIMING, GREENS, "GGrr", 0.0)
     for t, links in sequence:
         audit.observe(t, links)
     assert audit.violations[kind] >= 1, audit.violations
@@ -62,12 +62,17 @@ def test_answer_checks_refuse_what_cannot_be_shown() -> None:
     class Light:
         tls_id, green_states, n_phases = "A", GREENS, 2
 
+        @staticmethod
+        def state_string(state: SignalState) -> str:
+            return transition_state(GREENS, state.stage, state.phase, state.target)
+
     def answer(action: int = 1, **state: Any) -> dict[str, Any]:
         entry = {"stage": 1, "phase": 0, "target": 1, "since": 100.0, "links": "yyrr"} | state
         return {"action": action, "states": [entry]}
 
     assert parse_answer(answer(), 100.0, 110.0, Light)[0].links == "yyrr"
-    for bad in (answer(action=2), answer(since=110.0), answer(since=99.0), answer(links="yyr"), answer(target=5)):
+    for bad in (answer(action=2), answer(since=110.0), answer(since=99.0), answer(links="yyr"), answer(target=5),
+                answer(links="GGGG")):  # heads that do not show the state claimed
         with pytest.raises(ProtocolError):
             parse_answer(bad, 100.0, 110.0, Light)
 
@@ -88,6 +93,95 @@ def test_device_adopts_what_the_heads_show() -> None:
     fallback = SignalState(Stage.GREEN, 1, 1, 35.0)
     assert bridge.align(shield, PlantRequest("run1", 5, 50.0, 60.0, np.zeros((2, 3)), fallback, False)) is True
     assert shield.state == fallback and bridge.resyncs == 1
+
+
+def test_audit_with_overlaps_and_no_all_red() -> None:
+    """RESCO-style timing (no all-red) and links that never turn green ('s', 'o'): legal changes pass, a green of
+    two phases at once is a conflict."""
+    greens = ("GGrsO", "rrGsO")
+    timing = SignalTiming(yellow=3.0, all_red=0.0, min_green=7.0, max_green=60.0)
+    audit = SignalAudit(timing, greens, greens[0], 0.0)
+    for t, links in ((7.0, "yyrsO"), (10.0, "rrGsO"), (17.0, "rryso"), (20.0, "GGrsO")):
+        audit.observe(t, links)
+    assert audit.total == 0, audit.violations
+    audit.observe(40.0, "GGGsO")
+    assert audit.violations["conflict"] == 1
+
+
+def test_plant_fallback_is_safe_from_any_shown_state() -> None:
+    """The fixed-time plan the plant runs for a silent device starts from whatever the heads show: audited over
+    random shown states and decision times, nothing is flagged."""
+    from edge_runtime.shield import fixed_time_choice
+
+    rng = random.Random(1)
+    greens = ("GGgrrr", "rrGGgr", "grrrGG")
+    longest = {Stage.GREEN: 60.0, Stage.YELLOW: 2.9, Stage.ALL_RED: 1.9}
+    for _ in range(300):
+        stage, phase = Stage(rng.randrange(3)), rng.randrange(3)
+        target = phase if stage is Stage.GREEN else (phase + rng.randrange(1, 3)) % 3
+        state = SignalState(stage, phase, target, rng.uniform(0, 50))
+        audit = SignalAudit(TIMING, greens, transition_state(greens, stage, phase, target), state.since)
+        if stage is Stage.ALL_RED:
+            audit.yellow_ended = state.since
+        t = state.since + rng.uniform(0, longest[stage])
+        shield = SafetyShield(3, TIMING)
+        shield.sync(state)
+        entered = [*shield.propose(fixed_time_choice(shield, t, 30.0), t), *shield.advance(t + 10 - 1e-9)]
+        for s in entered:
+            audit.observe(s.since, transition_state(greens, s.stage, s.phase, s.target))
+        assert audit.total == 0, (state, t, entered, audit.violations)
+
+
+@pytest.mark.parametrize("change", [
+    {"until": 1e9}, {"t": 5.0, "shown": {"since": 6.0}}, {"per_phase": [[1.0], [2.0], [3.0], [4.0], [5.0], [6.0]]},
+    {"per_phase": [[1.0, 2.0, 3.0]] * 3}, {"per_phase": [[1.0, 2.0, 1e300], [0.0, 0.0, 0.0]]},
+    {"shown": {"phase": 5}}, {"until": 5.0},
+])
+def test_device_refuses_hostile_plant_requests(change: dict[str, Any]) -> None:
+    """Requests a controller must not act on: a span that would make it plan hours of states, a shown state from
+    the future, readings of the wrong shape or size, phases it lacks."""
+    from edge_runtime.device.hil import HilBridge
+    from edge_runtime.protocol import encode
+
+    request = {"run": "r1", "seq": 0, "t": 100.0, "until": 110.0, "per_phase": [[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]],
+               "shown": {"stage": 0, "phase": 0, "target": 0, "since": 90.0, "clearing": False}}
+    bridge = HilBridge(link=None, device="dev0", n_phases=2)  # type: ignore[arg-type]
+    bridge.on_obs(encode(request))
+    assert bridge.take() is not None
+    shown = {**request["shown"], **change.pop("shown", {})}
+    with pytest.raises(ProtocolError):
+        bridge.on_obs(encode({**request, **change, "shown": shown}))
+    assert bridge.take() is None
+
+
+def test_gather_takes_each_devices_first_word_on_this_request() -> None:
+    """A late answer to an earlier request is counted late, not refused for this one; a device refused once is not
+    answered again; a garbage message answers the request it arrives during."""
+    from edge_runtime.mqtt import Message
+    from edge_runtime.protocol import encode
+    from trainer.hil.bridge import PlantLink
+
+    plant = PlantLink.__new__(PlantLink)
+    plant.run, plant.sent, plant.late = "r1", {}, {}
+
+    class Inbox(queue.Queue):
+        pass
+
+    plant.link = type("L", (), {"inbox": Inbox()})()
+
+    def act(device: str, seq: int, **extra: Any) -> None:
+        body = {"run": "r1", "seq": seq, "t": 0.0, "action": 0, "source": 0, "override": False, "resync": False,
+                "states": []} | extra
+        plant.link.inbox.put(Message(f"reled/v1/dev/{device}/hil/act", encode(body), False))
+
+    act("a", 3, action=99)  # an invalid answer to an earlier request: late, not this request's refusal
+    act("a", 4)
+    plant.link.inbox.put(Message("reled/v1/dev/b/hil/act", b"\x00garbage", False))
+    act("b", 4)  # too late: b's word on this request was the garbage
+    act("c", 4, action=9)  # schema: action outside 0..7
+    answers, refused = plant.gather(4, {"a", "b", "c"}, time.perf_counter() + 1.0)
+    assert set(answers) == {"a"} and set(refused) == {"b", "c"}
+    assert plant.late == {"a": 1}
 
 
 # -- against a fleet of daemons ----------------------------------------------------------------------------
@@ -233,8 +327,9 @@ def test_device_answering_nonsense_is_refused(local_fleet: Any, fleet_models: di
                  [device_topic("rogue", "hil/obs")]).start()
     out = tmp_path / "hil"
     hil = hil_background(hil_command(reled_command, local_fleet, out, "--speed", "max", "--deadline-ms", "1000"))
+    deadline = time.monotonic() + 300
     try:
-        while hil.poll() is None:
+        while hil.poll() is None and time.monotonic() < deadline:
             try:
                 message = rogue.inbox.get(timeout=0.2)
             except queue.Empty:
@@ -317,7 +412,8 @@ class DelayingLink:
         """Stop listening, drop the connections (the daemon behind it sees its link cut) and end the thread."""
         self.loop.call_soon_threadsafe(self.stopping.set)
         self.thread.join(timeout=10)
-        self.loop.close()
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 @pytest.fixture

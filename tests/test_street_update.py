@@ -74,7 +74,8 @@ def test_screening_counts_every_row_by_its_reason(tmp_path):
 
     result = screen(tmp_path, LIGHTS, DEVICES, {7})
     expected = {KEPT: 16, "schema": 7, "malformed": 5, "duplicate": 5, "non_finite": 2, "unknown_device": 2,
-                "foreign_light": 3, "phase_count": 3, "lineage": 4, "fallback": 0, "invalid_action": 2}
+                "foreign_light": 3, "phase_count": 3, "lineage": 4, "not_applied": 0, "fallback": 0,
+                "invalid_action": 2}
     assert result.counts == expected and list(result.counts) == [KEPT, *REASONS]
     assert result.read == 10 + 5 + 4 + 6 + 3 + 2 + 2 + 1 + 3 + 2 + 7 + 4 == result.kept + result.dropped
     assert len(result.unreadable) == 1 and f"{7:016x}" in result.unreadable[0]
@@ -82,6 +83,9 @@ def test_screening_counts_every_row_by_its_reason(tmp_path):
     without = screen(tmp_path, LIGHTS, DEVICES, {7}, keep_fallback=False)
     assert without.counts["fallback"] == 6 and without.kept == 10 and without.read == result.read
     assert screen(tmp_path / "nothing", LIGHTS, DEVICES, {7}).read == 0
+    # a HIL run's fallbacks: dev-a's decisions at t = 20..40 s never reached the heads
+    applied = screen(tmp_path, LIGHTS, DEVICES, {7}, not_applied={"dev-a": [(20.0, 40.0)]})
+    assert applied.counts["not_applied"] == 3 and applied.kept == result.kept - 3 and applied.read == result.read
 
 
 def test_sequences_are_cut_at_gaps_in_decisions_and_time(tmp_path):

@@ -275,7 +275,8 @@ class DeviceDaemon:
         if self.hil is not None:
             body["hil"] = {"resyncs": self.hil.resyncs, "superseded": self.hil.superseded}
         if self.outbox is not None:  # not while it cannot be opened (a full disk)
-            body.update(decisions=self.outbox.recorded(), outbox_rows=self.outbox.pending_rows())
+            body.update(decisions=self.outbox.recorded(), outbox_rows=self.outbox.pending_rows(),
+                        outbox_epoch=self.outbox.epoch)
         self.link.publish(device_topic(self.id, "reported"), encode(body), retain=True)
 
     # -- the decision loop -----------------------------------------------------------------------
@@ -291,7 +292,7 @@ class DeviceDaemon:
         """Answer the plant's newest request: start from what its heads show, decide at its time, and send every
         state the shield enters until its next request."""
         request = hil.take()
-        if request is None:
+        if request is None or self.limit_reached():  # past max_decisions: no answer, the plant's plan runs
             return
         resync = bool(self.guarded("hil", hil.align, self.shield, request))
         for state in self.shield.advance(request.t):

@@ -24,6 +24,9 @@ from edge_runtime.shield import SafetyShield, SignalState, Stage
 
 log = logging.getLogger(__name__)
 HIL_QOS = 0  # a late answer is useless: the plant has run its fallback already, so nothing is queued or resent
+# the longest a request may ask the shield to cover, from the shown state's start to `until`: a hostile or broken
+# plant must not make the controller plan (and buffer) hours of states
+MAX_SPAN = 600.0
 
 
 @dataclass(frozen=True)
@@ -83,13 +86,16 @@ class HilBridge:
     # -- from the plant ---------------------------------------------------------------------------
     def on_obs(self, payload: bytes) -> None:
         document = validate(decode_json(payload), HIL_OBS)
-        reading = np.asarray(document["per_phase"], dtype=np.float32).reshape(-1, 3)
+        reading = np.asarray(document["per_phase"], dtype=np.float32)
         if reading.shape[0] != self.n_phases:
             raise ProtocolError(f"hil/obs: {reading.shape[0]} phases of readings, this intersection has "
                                 f"{self.n_phases}")
         shown, clearing = shown_state(document["shown"])
-        if max(shown.phase, shown.target) >= self.n_phases or document["until"] <= document["t"]:
-            raise ProtocolError("hil/obs: shown phase outside the phase table, or until not after t")
+        t, until = document["t"], document["until"]
+        if max(shown.phase, shown.target) >= self.n_phases:
+            raise ProtocolError("hil/obs: a shown phase outside this intersection's phase table")
+        if not shown.since <= t < until <= shown.since + MAX_SPAN:
+            raise ProtocolError(f"hil/obs: times must satisfy shown.since <= t < until <= shown.since + {MAX_SPAN:g}")
         if self.pending is not None:
             self.superseded += 1
         self.pending = PlantRequest(document["run"], document["seq"], document["t"], document["until"], reading,

@@ -58,7 +58,8 @@ def measure(model: Path, size: int, root: Path, episode_seconds: float, deadline
             "missing": sum(d["missing"] for d in devices), "wall_seconds": report["wall_seconds"],
             "device_decisions_per_s": answered / report["wall_seconds"],
             "plant_steps_per_s": report["decisions"] / report["wall_seconds"],
-            "rtt_p50_ms": max(d["rtt_p50_ms"] for d in devices), "rtt_p99_ms": max(d["rtt_p99_ms"] for d in devices),
+            "rtt_p50_ms": max(d["rtt_p50_ms"] or 0.0 for d in devices),
+            "rtt_p99_ms": max(d["rtt_p99_ms"] or 0.0 for d in devices),
             "violations": report["total_violations"]}
 
 

@@ -6,7 +6,9 @@ It reads SUMO link states only, link by link, and knows nothing of phases or pro
 - ``no_yellow``: a link left green for red (or a protected ``G`` became a permissive ``g``) without yellow;
 - ``short_yellow``: a yellow ended before ``yellow`` seconds;
 - ``short_all_red``: a link turned green less than ``all_red`` seconds after some yellow of the light ended;
-- ``short_green``: a link's green ended less than ``min_green`` seconds after it began.
+- ``short_green``: a link's green ended less than ``min_green`` seconds after it began;
+- ``conflict``: the links shown green are not all green in one phase of the light's program (two phases'
+  movements at once).
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ from edge_runtime.shield import SignalTiming
 
 EPS = 1e-6
 GREEN, YELLOW = frozenset("Gg"), frozenset("yY")
-VIOLATIONS = ("no_yellow", "short_yellow", "short_all_red", "short_green")
+VIOLATIONS = ("no_yellow", "short_yellow", "short_all_red", "short_green", "conflict")
 
 
 class SignalAudit:
     """One light's shown link states over time, checked as they change."""
 
-    def __init__(self, timing: SignalTiming, links: str, t: float):
+    def __init__(self, timing: SignalTiming, greens: tuple[str, ...], links: str, t: float):
         self.timing = timing
+        self.phase_greens = [frozenset(i for i, c in enumerate(g) if c in GREEN) for g in greens]
         self.links = links
         self.since = [t] * len(links)  # when each link took its current colour
         self.yellow_ended = -math.inf
@@ -56,6 +59,9 @@ class SignalAudit:
                 self.since[i] = t
         if turned_green and timing.all_red > 0 and t - self.yellow_ended < timing.all_red - EPS:
             self._flag("short_all_red", t)
+        shown_green = {i for i, c in enumerate(links) if c in GREEN}
+        if not any(shown_green <= phase for phase in self.phase_greens):
+            self._flag("conflict", t)
         self.links = links
 
     def _flag(self, kind: str, t: float) -> None:

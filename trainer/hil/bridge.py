@@ -30,14 +30,18 @@ from trainer.hil.plant import TimedState
 from trainer.sim.intersections import Intersection
 
 
+def check_fleet_folder(fleet: Path) -> None:
+    """A `reled-edge fleet up` folder (checked before SUMO starts)."""
+    if not (fleet / "keys").is_dir() or not (fleet / "devices").is_dir():
+        raise RELEDError(f"{fleet} is not a fleet folder (no keys/ or devices/): start one with "
+                         "`reled-edge fleet up --hil --model POLICY.onnx --dir DIR`")
+
+
 def fleet_devices(fleet: Path, intersections: list[Intersection], timing: SignalTiming) -> dict[str, str]:
     """light id → device id for every HIL device of ``fleet`` (a `reled-edge fleet up` folder) whose light is in
     the scenario; refuses a fleet that drives none of them, or whose devices time their signals differently."""
-    folder = fleet / "devices"
-    if not (fleet / "keys").is_dir() or not folder.is_dir():
-        raise RELEDError(f"{fleet} is not a fleet folder (no keys/ or devices/): start one with "
-                         "`reled-edge fleet up --model POLICY.onnx --dir DIR`")
-    configs = [c for c in device_files(folder).values() if c.hil]
+    check_fleet_folder(fleet)
+    configs = [c for c in device_files(fleet / "devices").values() if c.hil]
     lights = {i.tls_id: i for i in intersections}
     by_light: dict[str, str] = {}
     for config in configs:
@@ -68,19 +72,23 @@ def check_device(config: DeviceConfig, inter: Intersection, timing: SignalTiming
 
 def parse_answer(document: dict[str, Any], t: float, until: float, inter: Intersection) -> list[TimedState]:
     """The states of a validated answer, or ProtocolError when they cannot be applied as they are: outside
-    [t, until), out of order, for phases the light lacks, or link strings of the wrong length."""
+    [t, until), out of order, for phases the light lacks, or heads that do not show the state they claim (the link
+    strings must be the light's own for that state: what the plant then shows and the fallback starts from agree)."""
     if document["action"] >= inter.n_phases:
         raise ProtocolError(f"action {document['action']} outside the light's {inter.n_phases} phases")
-    n_links, previous = len(inter.green_states[0]), t
+    previous = t
     states = []
     for entry in document["states"]:
         since = entry["since"]
         if not previous <= since < until:
             raise ProtocolError(f"a state at t={since:g} is outside [{t:g}, {until:g}) or out of order")
-        if max(entry["phase"], entry["target"]) >= inter.n_phases or len(entry["links"]) != n_links:
-            raise ProtocolError("a state for phases the light lacks, or with the wrong number of links")
+        if max(entry["phase"], entry["target"]) >= inter.n_phases:
+            raise ProtocolError("a state for phases the light lacks")
         previous = since
         state = SignalState(Stage(entry["stage"]), entry["phase"], entry["target"], since)
+        if entry["links"] != inter.state_string(state):
+            raise ProtocolError(f"links {entry['links'][:40]!r} are not what the light shows in the state they come "
+                                "with")
         states.append(TimedState(state, False, entry["links"]))
     return states
 
@@ -115,7 +123,8 @@ class PlantLink:
 
     def gather(self, seq: int, devices: set[str], deadline: float) -> tuple[dict[str, Answer], dict[str, str]]:
         """Answers to request ``seq`` until each of ``devices`` answered or ``deadline`` (perf_counter) passed;
-        also the devices whose answer was refused, with why."""
+        also the devices whose answer to it was refused, with why. A device's first word on ``seq`` counts; answers
+        to earlier requests are counted late (the plant ran their fallback already)."""
         answers: dict[str, Answer] = {}
         refused: dict[str, str] = {}
         while len(answers) + len(refused) < len(devices):
@@ -129,17 +138,21 @@ class PlantLink:
                 device = device_of(message.topic)
             except ProtocolError:
                 continue
-            if device not in devices or device in answers:
+            if device not in devices or device in answers or device in refused:
                 continue
             try:
-                document = validate(decode_json(message.payload), HIL_ACT)
-            except ProtocolError as exc:
+                document = decode_json(message.payload)
+            except ProtocolError as exc:  # garbage: it cannot say which request it answers, so it answers this one
                 refused[device] = str(exc)
                 continue
-            if document["run"] != self.run:
+            if document.get("run") != self.run:
                 continue
-            if document["seq"] != seq:
-                self.late[device] = self.late.get(device, 0) + (document["seq"] < seq)
+            if document.get("seq") != seq:
+                if isinstance(document.get("seq"), int) and document["seq"] < seq:
+                    self.late[device] = self.late.get(device, 0) + 1
                 continue
-            answers[device] = Answer(document, arrived - self.sent.get(device, math.inf))
+            try:
+                answers[device] = Answer(validate(document, HIL_ACT), arrived - self.sent.get(device, math.inf))
+            except ProtocolError as exc:
+                refused[device] = str(exc)
         return answers, refused

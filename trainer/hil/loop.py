@@ -104,11 +104,13 @@ class Fleet:
                 late = sorted(d for d, r in reports.items() if not wanted(r))
                 raise RELEDError(f"timed out after {timeout:g} s waiting for {what} on {late}")
 
-    def recorded(self, timeout: float) -> dict[str, int]:
-        """Rows each device has recorded, once its outbox holds none the collector has not acknowledged."""
-        reports = self.reports(lambda r: r.get("outbox_rows") == 0 and r.get("decisions") is not None, timeout,
-                               "every outbox to be emptied by the collector")
-        return {device: int(report["decisions"]) for device, report in reports.items()}
+    def recorded(self, timeout: float) -> dict[str, list[int]]:
+        """Per device [outbox epoch, rows recorded in it], from a report sent after now, once its outbox holds
+        no row the collector has not acknowledged."""
+        after = time.time()
+        reports = self.reports(lambda r: r.get("ts", 0) > after and r.get("outbox_rows") == 0 and
+                               r.get("decisions") is not None, timeout, "every outbox to be emptied by the collector")
+        return {device: [int(r.get("outbox_epoch") or 0), int(r["decisions"])] for device, r in reports.items()}
 
     def batch_files(self) -> set[str]:
         return {str(p.relative_to(self.rollouts)) for p in self.rollouts.glob("*/*/*.npz")}
@@ -125,6 +127,25 @@ class Fleet:
         self.server.pump(0.2)
         report = self.server.reported.get(device) or {}
         return {"state": report.get("state"), **(report.get("active") or {})}
+
+
+def recorded_since(now: dict[str, list[int]], before: dict[str, list[int]]) -> int:
+    """Rows recorded between two readings; a device whose outbox was recreated (a new epoch) counts from 0."""
+    total = 0
+    for device, (epoch, rows) in now.items():
+        base_epoch, base_rows = before.get(device, (epoch, 0))
+        total += rows - base_rows if base_epoch == epoch else rows
+    return total
+
+
+def fallback_spans(*reports: HilReport) -> dict[str, list[list[float]]]:
+    """Per device, the simulated-time spans whose decisions the plant did not take from it (missing, late or
+    invalid answers): what it recorded there never reached the heads."""
+    spans: dict[str, list[list[float]]] = {}
+    for report in reports:
+        for event in report.events:
+            spans.setdefault(event["device"], []).append([event["first_t"], event["last_t"]])
+    return spans
 
 
 def rows_in(folder: Path, files: set[str]) -> int:
@@ -177,13 +198,14 @@ class Loop:
         self.path = settings.out / LOOP_FILE
         if self.path.exists():
             self.state = json.loads(self.path.read_text())
-            if Path(self.state["fleet"]) != settings.fleet.resolve():
-                raise RELEDError(f"{settings.out} is the loop of fleet {self.state['fleet']}: give that --fleet, "
-                                 "or a new --out")
+            given = (str(settings.fleet.resolve()), str(settings.run.resolve()))
+            if (self.state["fleet"], self.state["run"]) != given:
+                raise RELEDError(f"{settings.out} is the loop of run {self.state['run']} on fleet "
+                                 f"{self.state['fleet']}: give those --run and --fleet to continue it, or a new --out")
         else:
             self.state = {"run": str(settings.run.resolve()), "fleet": str(settings.fleet.resolve()),
                           "current_run": str(settings.run.resolve()), "active_model": None, "versions": [],
-                          "recorded": None, "seen": None, "cycles": []}
+                          "recorded": None, "seen": None, "not_applied": {}, "pending": None, "cycles": []}
 
     def save(self) -> None:
         self.settings.out.mkdir(parents=True, exist_ok=True)
@@ -213,6 +235,18 @@ class Loop:
             self.state["seen"] = sorted(fleet.batch_files())
         self.save()
 
+    def _settle_canary(self, fleet: Fleet) -> None:
+        """A cycle that stopped between its canary deploy and the verdict left an untested model on the canary:
+        roll it back, so the next active run is the active model's."""
+        pending = self.state.get("pending")
+        if not pending:
+            return
+        if fleet.active(pending["canary"]).get("policy_version") == pending["policy_version"]:
+            self.progress(f"an unfinished cycle left v{pending['policy_version']} on {pending['canary']}: rolling back")
+            rollback(fleet.server, pending["canary"])
+        self.state["pending"] = None
+        self.save()
+
     def _hil(self, folder: Path) -> HilReport:
         from trainer.hil.report import write_report
         from trainer.marl.run_folder import read_config
@@ -238,20 +272,23 @@ class Loop:
         if canary not in fleet.configs:
             raise RELEDError(f"--canary {canary!r} is not a HIL device of the fleet: choose one of {devices}")
 
+        self._settle_canary(fleet)
         self.progress(f"cycle {number}: HIL run, the active model on every device")
         active = self._hil(folder / "hil_active")
         recorded = fleet.recorded(s.flush_timeout)
         new_files = fleet.batch_files() - set(state["seen"])
-        rows = {"recorded": sum(recorded[d] - state["recorded"].get(d, 0) for d in recorded),
+        rows = {"recorded": recorded_since(recorded, state["recorded"]),
                 "collected": rows_in(fleet.rollouts, new_files), "batches": len(new_files)}
         rows["lost"] = rows["recorded"] - rows["collected"]
         copy_batches(fleet.rollouts, new_files, folder / "rollouts")
         state["recorded"], state["seen"] = recorded, sorted(set(state["seen"]) | new_files)
 
         self.progress(f"cycle {number}: update on {rows['collected']} street rows mixed with simulation")
+        earlier, now = state.get("not_applied") or {}, fallback_spans(active)
+        not_applied = {d: [*earlier.get(d, []), *now.get(d, [])] for d in {*earlier, *now}}
         update = update_from_street(Path(state["current_run"]), folder / "rollouts", fleet.lights,
                                     state["versions"], updates=s.updates, street_share=s.street_share,
-                                    rho_max=s.rho_max, out=folder / "run")
+                                    rho_max=s.rho_max, out=folder / "run", not_applied=not_applied)
         rows.update(read=update.read, kept=update.kept, dropped=update.dropped,
                     dropped_by_reason={k: v for k, v in update.counts.items() if v and k != "kept"})
         version = max(state["versions"]) + 1
@@ -260,10 +297,13 @@ class Loop:
         export_policy(ExportRequest(out=model, run=folder / "run" / "latest.pt", policy_version=version,
                                     holdout_decisions=60))
         state["versions"].append(version)
+        state["pending"] = {"canary": canary, "model": str(model), "policy_version": version}
+        self.save()  # a crash from here on: the next start rolls the canary back first (_settle_canary)
 
         self.progress(f"cycle {number}: canary {canary} gets v{version}; HIL run on the same seed")
         fleet.deploy(model, [canary])
         trial = self._hil(folder / "hil_canary")
+        state["not_applied"] = fallback_spans(trial)  # the canary run's rows are the next cycle's
         committed = fleet.active(canary)
         gate = judge_canary(active.metrics["avg_delay"], trial.metrics["avg_delay"], trial.total_violations,
                             committed.get("sha256") == Model.load(model).sha256 and
@@ -278,6 +318,7 @@ class Loop:
         else:
             self.progress(f"cycle {number}: gate refused ({'; '.join(reasons)}); rolling {canary} back")
             rollback(fleet.server, canary)
+        state["pending"] = None
         return {"cycle": number, "policy_version": version, "model": str(model), "canary": canary,
                 "rows": rows, "update": {k: v for k, v in update.as_dict().items() if k not in ("counts", "run")},
                 "active": hil_summary(active), "canary_run": hil_summary(trial),

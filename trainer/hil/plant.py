@@ -61,7 +61,8 @@ class HilPlant(TrafficSignalEnv):
         self.shields = [LightProgram(s.state, False, inter.state_string(s.state))  # type: ignore[misc]
                         for s, inter in zip(shields, self.intersections, strict=True)]
         self.programs: list[LightProgram] = self.shields  # type: ignore[assignment]
-        self.audits = [SignalAudit(self.signal_timing, p.links, self.time) for p in self.shields]
+        self.audits = [SignalAudit(self.signal_timing, inter.green_states, p.links, self.time)
+                       for p, inter in zip(self.programs, self.intersections, strict=True)]
         self._vectors = np.stack([out[0][a]["observation"] for a in self.possible_agents])
         return out
 

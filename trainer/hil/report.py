@@ -22,6 +22,8 @@ DEVICE_COLUMNS = {"light": "light", "answered": "answered", "missing": "missing"
 
 
 def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.1f}"
     return str(value)
@@ -41,7 +43,7 @@ def device_table(report: HilReport) -> Table:
 def summary_lines(report: HilReport) -> list[str]:
     m = report.metrics
     traffic = ", ".join(f"{METRIC_LABELS[k]} {_fmt(float(m[k]))}" for k in METRIC_LABELS if k in m)
-    worst = max((d["rtt_p99_ms"] for d in report.devices.values() if not math.isnan(d["rtt_p99_ms"])),
+    worst = max((d["rtt_p99_ms"] for d in report.devices.values() if d["rtt_p99_ms"] is not None),
                 default=math.nan)
     lines = [f"traffic: {traffic}",
              f"safety: {report.total_violations} violations found by the independent audit"
@@ -49,7 +51,8 @@ def summary_lines(report: HilReport) -> list[str]:
              f"timing: worst device RTT p99 {worst:.1f} ms; lag behind schedule p50 "
              f"{report.lag_ms['p50']:.1f} ms, p99 {report.lag_ms['p99']:.1f} ms, max {report.lag_ms['max']:.1f} ms; "
              f"{report.decisions} decisions in {report.wall_seconds:.1f} s wall",
-             f"faults: {len(report.events)} event(s)"]
+             f"faults: {len(report.events)} event(s)" + (f" (and {report.events_dropped} more not kept)"
+                                                          if report.events_dropped else "")]
     lines += [f"  {e['device']} {e['kind']} from t={e['first_t']:.0f} to t={e['last_t']:.0f} "
               f"({e['decisions']} decisions): {e['detail']}" for e in report.events[:20]]
     if report.undriven:
@@ -71,7 +74,7 @@ def timeline_plot(report: HilReport, path: Path) -> Path:
     line = report.timeline
     t = (np.array(line["t"]) - line["t"][0]) / 60 if line["t"] else np.zeros(0)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
-    top.plot(t, line["rtt_max_ms"], ".", ms=3, label="slowest device's round trip (ms)")
+    top.plot(t, np.array(line["rtt_max_ms"], dtype=float), ".", ms=3, label="slowest device's round trip (ms)")
     top.plot(t, line["lag_ms"], "-", lw=1, label="lag behind schedule (ms)")
     top.axhline(report.settings["deadline_ms"], color="grey", ls="--", lw=1, label="deadline")
     top.set_yscale("symlog", linthresh=1)

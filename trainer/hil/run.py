@@ -24,7 +24,7 @@ from edge_runtime.errors import RELEDError
 from edge_runtime.protocol import ProtocolError
 from edge_runtime.rollouts import SOURCE_FALLBACK
 from trainer.env import EnvConfig
-from trainer.hil.bridge import Answer, PlantLink, fleet_devices, parse_answer
+from trainer.hil.bridge import Answer, PlantLink, check_fleet_folder, fleet_devices, parse_answer
 from trainer.hil.plant import HilPlant
 from trainer.scenarios import get_scenario
 
@@ -58,11 +58,14 @@ class DeviceTally:
     rtts: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        rtt = np.array(self.rtts) * 1000 if self.rtts else np.array([np.nan])
+        """The report's row (RTTs None for a device that never answered: JSON has no NaN)."""
+        rtt = np.array(self.rtts) * 1000
+        stats = {"rtt_p50_ms": float(np.percentile(rtt, 50)), "rtt_p99_ms": float(np.percentile(rtt, 99)),
+                 "rtt_max_ms": float(rtt.max())} if len(rtt) else dict.fromkeys(("rtt_p50_ms", "rtt_p99_ms",
+                                                                                  "rtt_max_ms"))
         return {"light": self.light, "answered": self.answered, "missing": self.missing, "late": self.late,
                 "invalid": self.invalid, "device_fallback": self.device_fallback, "overrides": self.overrides,
-                "resyncs": self.resyncs, "rtt_p50_ms": float(np.percentile(rtt, 50)),
-                "rtt_p99_ms": float(np.percentile(rtt, 99)), "rtt_max_ms": float(rtt.max())}
+                "resyncs": self.resyncs, **stats}
 
 
 @dataclass
@@ -88,15 +91,12 @@ class HilReport:
     lag_ms: dict[str, float]
     violations: dict[str, dict[str, int]]  # light -> kind -> count (the independent audit)
     events: list[dict[str, Any]]
+    events_dropped: int  # streaks beyond EVENTS_KEPT
     timeline: dict[str, list[float]]  # per decision: t, wall_s, queued, lag_ms, rtt_max_ms, answered, fallbacks
 
     @property
     def total_violations(self) -> int:
         return sum(sum(kinds.values()) for kinds in self.violations.values())
-
-    @property
-    def rtts_ms(self) -> np.ndarray:
-        return np.array(self.timeline["rtt_max_ms"])
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "total_violations": self.total_violations}
@@ -147,6 +147,7 @@ def run_hil(settings: HilSettings, progress: Callable[[float], None] | None = No
         raise RELEDError(f"--speed must be > 0 (or max), got {settings.speed}")
     if settings.deadline_ms <= 0:
         raise RELEDError(f"--deadline-ms must be > 0, got {settings.deadline_ms}")
+    check_fleet_folder(settings.fleet)
     scenario = get_scenario(settings.scenario)
     scenario.demand(settings.demand)
     scenario.check_files()
@@ -213,7 +214,7 @@ def _drive(plant: HilPlant, link: PlantLink, devices: dict[str, str], settings: 
         timeline["answered"].append(len(lights) - fallbacks)
         timeline["queued"].append(plant.queued())
         timeline["lag_ms"].append(lag * 1000)
-        timeline["rtt_max_ms"].append(max(rtts) * 1000 if rtts else float("nan"))
+        timeline["rtt_max_ms"].append(max(rtts) * 1000 if rtts else None)
         timeline["fallbacks"].append(fallbacks)
         plant.advance()
         seq += 1
@@ -233,4 +234,4 @@ def _drive(plant: HilPlant, link: PlantLink, devices: dict[str, str], settings: 
                 "max": float(lag_ms.max())},
         violations={inter.tls_id: dict(plant.audits[k].violations) for k, inter, _d in lights
                     if plant.audits[k].total},
-        events=[asdict(e) for e in tracker.events], timeline=timeline)
+        events=[asdict(e) for e in tracker.events], events_dropped=tracker.dropped_events, timeline=timeline)

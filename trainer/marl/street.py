@@ -7,7 +7,7 @@ lost unseen: a controller of another light, model or schema must show up in the 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,7 @@ REASONS = (
     "foreign_light",  # a light the run does not control (another scenario)
     "phase_count",  # its mask is not the phases of the run's light
     "lineage",  # played by a model that is not one of this run's exports
+    "not_applied",  # the heads never showed it: the plant ran its fallback for that decision (a late HIL answer)
     "fallback",  # fixed-time fallback row, when those are left out
     "invalid_action",  # an action outside the mask, or a log-probability above 0
 )
@@ -108,13 +109,15 @@ def _read_files(root: Path) -> tuple[dict[str, np.ndarray], dict[str, int], list
 
 
 def screen(root: Path, lights: RunLights, devices: Mapping[str, str], versions: Collection[int],
-           keep_fallback: bool = True) -> Screening:
+           keep_fallback: bool = True, not_applied: Mapping[str, Sequence[tuple[float, float]]] | None = None
+           ) -> Screening:
     """Read and screen the rollouts under ``root`` for a run controlling ``lights``.
 
     ``devices`` maps device id → light id (the device files' ``intersection``); ``versions`` are the
     policy_versions of this run's exports. Fallback rows (``source`` 1, version 0) come from the fixed-time
     plan whatever model a device holds, so they are kept (behaviour policy: the plan) unless ``keep_fallback``
-    is False.
+    is False. ``not_applied``: per device, the signal-time spans [first, last] of decisions that were recorded
+    but never reached the heads (a HIL run's fallbacks, from its report's events).
     """
     columns, lost, unreadable = _read_files(root)
     n = len(columns["decision"])
@@ -141,6 +144,9 @@ def screen(root: Path, lights: RunLights, devices: Mapping[str, str], versions: 
     expected = np.stack([action_mask(p) for p in lights.n_phases])[np.maximum(agent, 0)]
     drop("phase_count", ~(columns["mask"] == expected).all(axis=1))
     drop("lineage", (source == SOURCE_POLICY) & ~np.isin(columns["policy_version"], list(versions)))
+    for name, spans in (not_applied or {}).items():
+        for first_t, last_t in spans:
+            drop("not_applied", (device == name) & (columns["time"] >= first_t) & (columns["time"] <= last_t))
     if not keep_fallback:
         drop("fallback", source == SOURCE_FALLBACK)
     allowed = (action >= 0) & (action < MAX_PHASES)

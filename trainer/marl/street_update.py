@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import shutil
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -80,14 +80,17 @@ def update_from_street(run_folder: Path, rollouts_dir: Path, devices: Mapping[st
                        *, updates: int = 1, street_share: float = 0.5, rho_max: float = 1.0, fallback: bool = True,
                        out: Path | None = None, workers: int | None = None,
                        holdout: tuple[np.ndarray, np.ndarray] | None = None,
-                       on_update: UpdateHook | None = None) -> UpdateReport:
+                       on_update: UpdateHook | None = None,
+                       not_applied: Mapping[str, Sequence[tuple[float, float]]] | None = None) -> UpdateReport:
     """Train ``run_folder`` (or its copy ``out``) for ``updates`` more updates on the rollouts under
     ``rollouts_dir`` mixed with simulation.
 
     ``devices`` maps device id → light id; ``versions`` are the policy_versions of this run's exports (policy
     rows of any other model are dropped); ``fallback`` keeps the fixed-time rows. ``holdout`` (obs [K, F], masks
     [K, P]) is where the greedy actions before and after are compared; by default the street rows no update
-    used. ``workers`` overrides the run's SUMO workers (results do not depend on it).
+    used. ``workers`` overrides the run's SUMO workers (results do not depend on it). ``not_applied``: per device,
+    signal-time spans of decisions the heads never showed (dropped as ``not_applied``; `reled loop` passes its
+    HIL runs' fallbacks).
     """
     if updates < 1 or not 0 < street_share < 1 or rho_max <= 0:
         raise RELEDError(f"--updates must be >= 1 (got {updates}), --street-share in (0, 1) (got {street_share}) "
@@ -100,13 +103,13 @@ def update_from_street(run_folder: Path, rollouts_dir: Path, devices: Mapping[st
                          "do not record; update an IPPO or RELED run")
     if out is None:
         return _update(run_folder, rollouts_dir, devices, versions, updates, street_share, rho_max, fallback,
-                       workers, holdout, on_update)
+                       workers, holdout, on_update, not_applied)
     if out.exists() and any(out.iterdir()):
         raise RELEDError(f"--out {out} already exists: give a new folder, or leave --out out to update in place")
     shutil.copytree(run_folder, out, dirs_exist_ok=True)
     try:
         return _update(out, rollouts_dir, devices, versions, updates, street_share, rho_max, fallback, workers,
-                       holdout, on_update)
+                       holdout, on_update, not_applied)
     except BaseException:  # a refused update leaves no half-made copy
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -114,9 +117,10 @@ def update_from_street(run_folder: Path, rollouts_dir: Path, devices: Mapping[st
 
 def _update(folder: Path, rollouts_dir: Path, devices: Mapping[str, str], versions: Collection[int], updates: int,
             street_share: float, rho_max: float, fallback: bool, workers: int | None,
-            holdout: tuple[np.ndarray, np.ndarray] | None, on_update: UpdateHook | None) -> UpdateReport:
+            holdout: tuple[np.ndarray, np.ndarray] | None, on_update: UpdateHook | None,
+            not_applied: Mapping[str, Sequence[tuple[float, float]]] | None) -> UpdateReport:
     run = TrainingRun.resume(folder, workers=workers)
-    screening = screen(rollouts_dir, RunLights(run.agents, run.n_phases), devices, versions, fallback)
+    screening = screen(rollouts_dir, RunLights(run.agents, run.n_phases), devices, versions, fallback, not_applied)
     street = StreetRows.from_screening(screening.rows, run.facts.timing["delta"])
     if not len(street.transitions):
         dropped = ", ".join(f"{k} {v}" for k, v in screening.counts.items() if v and k != KEPT) or "none"
