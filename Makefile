@@ -21,26 +21,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The whole story on the embedded defaults (cologne8, SmolLM2 in the package): SED's verified demonstrations, a
+# short RELED training, the ONNX export, a fleet of 8 controller processes behind Mosquitto, the deploy, a
+# hardware-in-the-loop run, one table (fixed-time, max-pressure, the policy in simulation and on the controllers)
+# and its charts in $(OUT)/demo/. Finished steps are kept: a second `make demo` redoes only the fleet and HIL run.
+DEMO := $(OUT)/demo
 demo: install
-	$(BIN)/reled scenario import --osm $(SHARED)/data/osm/orlando/orlando_ucf.osm --name orlando --if-missing
-	$(BIN)/reled eval --scenario orlando --demand moderate --controller fixed,greedy,max-pressure \
-		--seeds 2 --json $(OUT)/demo_orlando.json --plot $(OUT)/demo_orlando.png
-	@test -f $(OUT)/demos/cologne8-moderate-verified/manifest.json || $(BIN)/reled demos generate \
-		--scenario cologne8 --out $(OUT)/demos/cologne8-moderate-verified
-	$(BIN)/reled demos show $(OUT)/demos/cologne8-moderate-verified
-	@test -f $(OUT)/runs/demo-ippo-cologne8/summary.json || $(BIN)/reled train --algo ippo --scenario cologne8 \
-		--steps 144000 --runs-dir $(OUT)/runs --name demo-ippo-cologne8
-	@test -f $(OUT)/runs/demo-reled-cologne8/summary.json || $(BIN)/reled train --algo reled --scenario cologne8 \
-		--steps 144000 --demos $(OUT)/demos/cologne8-moderate-verified --runs-dir $(OUT)/runs --name demo-reled-cologne8
-	$(BIN)/reled compare $(OUT)/runs/demo-ippo-cologne8 $(OUT)/runs/demo-reled-cologne8 --plot $(OUT)/demo_compare.png
-	$(BIN)/reled eval --scenario cologne8 --seeds 3 --controller fixed,greedy,max-pressure \
-		--policy $(OUT)/runs/demo-reled-cologne8/latest.pt --policy $(OUT)/runs/demo-ippo-cologne8/latest.pt \
-		--json $(OUT)/demo_cologne8.json --plot $(OUT)/demo_cologne8.png
-	$(BIN)/reled export --run $(OUT)/runs/demo-reled-cologne8 --out $(OUT)/policy.onnx --int8
-	rm -rf $(OUT)/fleet
-	$(BIN)/reled-edge fleet up --model $(OUT)/policy.onnx --devices 3 --dir $(OUT)/fleet --replay
-	$(BIN)/reled-edge status --keys $(OUT)/fleet/keys --broker-dir $(OUT)/fleet/broker
-	$(BIN)/reled-edge fleet down --dir $(OUT)/fleet
+	@test -f $(DEMO)/demos/manifest.json || $(BIN)/reled demos generate --scenario cologne8 --out $(DEMO)/demos
+	@test -f $(DEMO)/runs/reled-cologne8/summary.json || $(BIN)/reled train --algo reled --scenario cologne8 \
+		--demos $(DEMO)/demos --steps 288000 --runs-dir $(DEMO)/runs --name reled-cologne8
+	@test -f $(DEMO)/policy.onnx || $(BIN)/reled export --run $(DEMO)/runs/reled-cologne8 --out $(DEMO)/policy.onnx
+	@test -f $(DEMO)/eval.json || $(BIN)/reled eval --scenario cologne8 --controller fixed,max-pressure \
+		--policy $(DEMO)/policy.onnx --seeds 1 --json $(DEMO)/eval.json --plot $(DEMO)/eval.png
+	@$(BIN)/reled-edge fleet down --dir $(DEMO)/fleet >/dev/null
+	rm -rf $(DEMO)/fleet
+	$(BIN)/reled-edge fleet up --hil --model $(DEMO)/policy.onnx --dir $(DEMO)/fleet
+	$(BIN)/reled hil run --scenario cologne8 --fleet $(DEMO)/fleet --speed max --compare $(DEMO)/eval.json \
+		--out $(DEMO)/hil; status=$$?; $(BIN)/reled-edge fleet down --dir $(DEMO)/fleet; exit $$status
 
 test: install
 	$(BIN)/ruff check .
