@@ -368,6 +368,11 @@ def fleet_up(
     foreground: Annotated[bool, typer.Option("--foreground", help="Stay until Ctrl-C or SIGTERM, then stop the "
                                                                   "fleet (default: return, leaving it running).")]
     = False,
+    latency_budget_ms: Annotated[float, typer.Option(min=0.1, help="A decision slower than this counts as a policy "
+                                                                   "failure (the fixed-time plan runs): a street "
+                                                                   "controller's budget; daemons sharing this "
+                                                                   "machine's cores with SUMO may need more.")]
+    = 5.0,
 ) -> None:
     """Start a fleet on this machine and return, leaving it running: keys, Mosquitto, one controller daemon per
     light of the model (devices dev0, dev1, ... in group `local`, timed as the model was trained), the rollout
@@ -379,7 +384,8 @@ def fleet_up(
         raise RELEDError("give the policy to run: --model policy.onnx (from `reled export`)")
     if foreground:
         interrupt_on_sigterm()  # from here on SIGTERM stops the fleet, as Ctrl-C does
-    record, states = up(UpRequest(model, dir, scenario, devices, hil, collect, netns, netem, deploy),
+    record, states = up(UpRequest(model, dir, scenario, devices, hil, collect, netns, netem, deploy,
+                                  latency_budget_ms),
                         progress=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
     try:
         spaces = netns or netem is not None

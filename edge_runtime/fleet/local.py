@@ -259,6 +259,7 @@ class UpRequest:
     netns: bool = False  # every device in a network namespace of its own, behind a veth pair
     netem: str | None = None  # a netem spec for each of those links (implies netns)
     deploy: bool = True
+    latency_budget_ms: float = 5.0  # a decision slower than this is a policy failure (the device file's default)
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:
@@ -357,7 +358,7 @@ def down(folder: Path) -> str:
 
 
 def write_fleet_devices(fleet: LocalFleet, meta: PolicyMetadata, lights: list[str], hil: bool,
-                        hosts: dict[str, str] | None = None) -> dict[str, str]:
+                        hosts: dict[str, str] | None = None, latency_budget_ms: float = 5.0) -> dict[str, str]:
     """One device file per light, ``devK`` for the K-th, timed as the policy was trained (``meta.timing``);
     ``hosts``: the broker address each device reaches (its namespace's link). Returns device -> light."""
     t = meta.timing
@@ -369,7 +370,8 @@ def write_fleet_devices(fleet: LocalFleet, meta: PolicyMetadata, lights: list[st
             runtime["speed"] = REPLAY_SPEED
         sections: dict[str, dict[str, Any]] = {
             "signal": {"yellow": t.yellow, "all_red": t.all_red, "min_green": t.min_green, "max_green": t.max_green},
-            "runtime": runtime, "probation": {"decisions": PROBATION_DECISIONS}}
+            "runtime": runtime, "probation": {"decisions": PROBATION_DECISIONS},
+            "inference": {"latency_budget_ms": latency_budget_ms}}
         if hosts:
             sections["broker"] = {"host": hosts[device]}
         fleet.write_device(device, light, meta.phase_tables[light], replay_seed=k, groups=(GROUP,), hil=hil,
@@ -429,7 +431,8 @@ class _Starter:
 
     def broker(self) -> None:
         hosts = {d: s.host_address for d, s in self.spaces.items()}
-        write_fleet_devices(self.fleet, self.meta, list(self.devices.values()), self.request.hil, hosts)
+        write_fleet_devices(self.fleet, self.meta, list(self.devices.values()), self.request.hil, hosts,
+                            self.request.latency_budget_ms)
         _edge(self.fleet, "keys", "init", "--keys", str(self.fleet.keys), "--devices", str(self.fleet.devices))
         _edge(self.fleet, "broker", "start", "--keys", str(self.fleet.keys), "--dir", str(self.fleet.broker_dir),
               "--port", str(self.fleet.port), "--server-port", str(self.fleet.server_port),
