@@ -44,6 +44,7 @@ from trainer.hil.run import HilReport, HilSettings, run_hil
 
 log = logging.getLogger(__name__)
 LOOP_FILE = "loop.json"
+HOLDOUT_DECISIONS = 180  # decisions of the simulated episode whose states compare the policy before and after
 Progress = Callable[[str], None]
 
 
@@ -146,6 +147,18 @@ def fallback_spans(*reports: HilReport) -> dict[str, list[list[float]]]:
         for event in report.events:
             spans.setdefault(event["device"], []).append([event["first_t"], event["last_t"]])
     return spans
+
+
+def held_out_states(run: Path, decisions: int = HOLDOUT_DECISIONS) -> tuple[np.ndarray, np.ndarray]:
+    """Observations (and masks) of a simulated episode the run's current policy drives on a seed no update plays:
+    where the policy before and after an update are compared (the street rows are nearly all used by it)."""
+    from trainer.export import collect_holdout
+    from trainer.marl.checkpoint import actor_from_checkpoint, load_checkpoint
+
+    data = load_checkpoint(run / "latest.pt")
+    obs, masks, *_ = collect_holdout(actor_from_checkpoint(data), data["scenario"], data["demand"], decisions,
+                                     data["config"].get("timing"))
+    return obs, masks
 
 
 def rows_in(folder: Path, files: set[str]) -> int:
@@ -288,7 +301,8 @@ class Loop:
         not_applied = {d: [*earlier.get(d, []), *now.get(d, [])] for d in {*earlier, *now}}
         update = update_from_street(Path(state["current_run"]), folder / "rollouts", fleet.lights,
                                     state["versions"], updates=s.updates, street_share=s.street_share,
-                                    rho_max=s.rho_max, out=folder / "run", not_applied=not_applied)
+                                    rho_max=s.rho_max, out=folder / "run", not_applied=not_applied,
+                                    holdout=held_out_states(Path(state["current_run"])))
         rows.update(read=update.read, kept=update.kept, dropped=update.dropped,
                     dropped_by_reason={k: v for k, v in update.counts.items() if v and k != "kept"})
         version = max(state["versions"]) + 1
