@@ -119,8 +119,8 @@ def compare_with_eval(report: HilReport, evaluated: dict[str, Any]) -> tuple[Tab
     delays: dict[str, tuple[float, float]] = {}
     for name in summary["avg_delay"]:
         table.add_row(name, *(f"{summary[k][name]['mean']:.1f} ± {summary[k][name]['std']:.1f}" for k in keys))
-        delays[name] = (summary["avg_delay"][name]["mean"], summary["avg_delay"][name]["std"])
+        delays[name.split(" (")[0]] = (summary["avg_delay"][name]["mean"], summary["avg_delay"][name]["std"])
     table.add_row(f"HIL: {len(report.devices)} controller processes over MQTT",
                   *(f"{report.metrics[k]:.1f}" for k in keys), style="bold")
-    delays["HIL"] = (report.metrics["avg_delay"], 0.0)
+    delays[f"HIL ({len(report.devices)} daemons)"] = (report.metrics["avg_delay"], 0.0)
     return table, delays
