@@ -15,18 +15,18 @@ from typing import Any
 
 import pytest
 
-from trainer.hil.loop import judge_canary
+from trainer.hil.loop import judge_trial
 
 EDGE_DOWN = ("fleet", "down", "--dir")
 
 
 def test_gate_passes_within_the_margin_only() -> None:
-    assert judge_canary(20.0, 20.9, 0, True, 0.05)["passed"]
-    refused = judge_canary(20.0, 21.1, 0, True, 0.05)
+    assert judge_trial(20.0, 20.9, 0, True, 0.05)["passed"]
+    refused = judge_trial(20.0, 21.1, 0, True, 0.05)
     assert not refused["passed"] and "21.10 s > 21.00 s" in refused["reasons"][0]
-    assert judge_canary(20.0, 19.0, 1, True, 0.05)["reasons"] == ["1 safety violations"]
-    assert not judge_canary(20.0, 19.0, 0, False, 0.05)["passed"]  # the canary never committed the model
-    assert not judge_canary(20.0, float("nan"), 0, True, 0.05)["passed"]  # no vehicle: no evidence
+    assert judge_trial(20.0, 19.0, 1, True, 0.05)["reasons"] == ["1 safety violations"]
+    assert not judge_trial(20.0, 19.0, 0, False, 0.05)["passed"]  # a device never committed the model
+    assert not judge_trial(20.0, float("nan"), 0, True, 0.05)["passed"]  # no vehicle: no evidence
 
 
 @pytest.fixture
@@ -76,16 +76,41 @@ def test_one_cycle_counts_every_row_changes_the_policy_and_deploys_through_the_c
     assert "duplicate" not in rows["dropped_by_reason"]
     update = cycle["update"]
     assert update["param_distance"] > 0 and 0 <= update["disagreement"] <= 1 and update["holdout"] > 0
-    assert cycle["gate"]["passed"], cycle["gate"]
-    assert cycle["active"]["violations"] == 0 and cycle["canary_run"]["violations"] == 0
+    assert cycle["gate"]["passed"] and cycle["confirmation"]["passed"] and cycle["adopted"], cycle
+    for hil_run in ("active", "canary_run", "fleet_run"):
+        assert cycle[hil_run]["violations"] == 0 and cycle[hil_run]["missing"] == 0, hil_run
     new_version = cycle["policy_version"]
-    assert device_state(fleet, "dev2")["active"]["policy_version"] == new_version  # the canary committed it
-    for device in ("dev0", "dev1", "dev3"):  # the rest have it staged; they commit during the next HIL run
+    for device in ("dev0", "dev1", "dev2", "dev3"):  # the canary, then the rest during the confirming run
         state = device_state(fleet, device)
-        assert state["state"] == "STAGED" and state["job"]["manifest"]["policy_version"] == new_version, state
+        assert state["state"] == "COMMITTED" and state["active"]["policy_version"] == new_version, state
     # a second invocation finds the cycle done and runs none
     again = reled("loop", "--run", str(run), "--fleet", str(fleet), "--out", str(loop), "--cycles", "1")
     assert again.returncode == 0 and len(json.loads((loop / "loop.json").read_text())["cycles"]) == 1
+
+
+@pytest.mark.slow
+def test_a_refused_canary_is_rolled_back_and_the_fleet_keeps_its_model(
+        hil_fleet_of_run: tuple[Path, Path, Path], reled: Callable[..., subprocess.CompletedProcess],
+        tmp_path: Path) -> None:
+    """A margin of −99 % asks the new model to cut the delay a hundredfold: the canary gate refuses, the canary goes
+    back to the model it had, the rest never get the new one, and the next cycle starts from the same run."""
+    run, model, fleet = hil_fleet_of_run
+    loop = tmp_path / "loop"
+    proc = reled("loop", "--run", str(run), "--fleet", str(fleet), "--out", str(loop), "--cycles", "1",
+                 "--episode-seconds", "300", "--margin", "-0.99")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "canary gate refused (delay" in proc.stdout
+    state = json.loads((loop / "loop.json").read_text())
+    cycle = state["cycles"][0]
+    assert not cycle["gate"]["passed"] and not cycle["adopted"] and cycle["confirmation"] is None
+    assert state["current_run"] == str(run.resolve()) and state["active_model"] == str(model.resolve())
+    original = json.loads((fleet / "fleet.json").read_text())["model"]
+    from edge_runtime.policy import OnnxPolicy
+
+    version = OnnxPolicy(Path(original)).meta.policy_version
+    assert device_state(fleet, "dev0")["state"] == "ROLLED_BACK"
+    for device in ("dev0", "dev1", "dev2", "dev3"):
+        assert device_state(fleet, device)["active"]["policy_version"] == version, device
 
 
 def test_loop_refuses_a_fleet_without_collector_or_hil(tmp_path: Path, assert_one_line_error: Any,

@@ -88,7 +88,13 @@ def loop_command(
     canary: Annotated[str | None, typer.Option(help="The device that tries each new model first \\[default: the "
                                                     "first device].")] = None,
     margin: Annotated[float, typer.Option(help="The canary run's delay may exceed the active model's by this "
-                                               "fraction at most.")] = 0.05,
+                                               "fraction at most (negative: it must improve by that much).")]
+    = 0.05,
+    confirm: Annotated[bool, typer.Option("--confirm/--no-confirm", help="After the canary passed, a HIL run with "
+                                                                         "the whole fleet on the new model must pass "
+                                                                         "the same gate, else every device is rolled "
+                                                                         "back (one canary among many lights does "
+                                                                         "not show the fleet-wide effect).")] = True,
     speed: Annotated[str, typer.Option(help="HIL pacing: simulated seconds per wall second, or max.")] = "max",
     seed: Annotated[int, typer.Option(help="SUMO seed of both HIL runs of a cycle (paired comparison).")] = 0,
     demand: str = DEMAND,
@@ -110,13 +116,13 @@ def loop_command(
 
     if scenario is not None and read_config(run).scenario != scenario:
         raise RELEDError(f"{run} was trained on {read_config(run).scenario}, not {scenario}")
-    settings = LoopSettings(run=run, fleet=fleet, out=out, cycles=cycles, canary=canary, margin=margin,
+    settings = LoopSettings(run=run, fleet=fleet, out=out, cycles=cycles, canary=canary, margin=margin, confirm=confirm,
                             speed=parse_speed(speed), seed=seed, demand=demand, episode_seconds=episode_seconds,
                             deadline_ms=deadline_ms, updates=updates, street_share=street_share, rho_max=rho_max)
     records = run_loop(settings, progress=lambda text: console.print(text, highlight=False))
     table = Table(title=f"closed loop on {fleet.name}: {len(records)} cycle(s)")
     for column in ("cycle", "version", "rows recorded", "collected", "kept", "dropped", "lost", "param Δ",
-                   "actions changed", "delay active (s)", "delay canary (s)", "gate"):
+                   "actions changed", "delay active (s)", "delay canary (s)", "delay fleet (s)", "verdict"):
         table.add_column(column, justify="right")
     for r in records:
         rows, update = r["rows"], r["update"]
@@ -124,6 +130,15 @@ def loop_command(
                       str(rows["kept"]), str(rows["dropped"]), str(rows["lost"]),
                       f"{update['param_distance']:.3f}", f"{update['disagreement']:.1%}",
                       f"{r['active']['avg_delay']:.2f}", f"{r['canary_run']['avg_delay']:.2f}",
-                      "passed" if r["gate"]["passed"] else "refused: " + "; ".join(r["gate"]["reasons"]))
+                      f"{r['fleet_run']['avg_delay']:.2f}" if r.get("fleet_run") else "-", verdict(r))
     console.print(table)
     console.print(f"wrote {out / 'loop.json'}")
+
+
+def verdict(cycle: dict) -> str:
+    """A cycle's outcome in words: adopted, or which gate refused and why."""
+    if cycle.get("adopted", cycle["gate"]["passed"]):
+        return "adopted"
+    refused = cycle.get("confirmation") or cycle["gate"]
+    stage = "fleet run" if cycle.get("confirmation") else "canary"
+    return f"{stage} refused: " + "; ".join(refused["reasons"])

@@ -55,7 +55,8 @@ class LoopSettings:
     out: Path  # the loop's folder: loop.json, and per cycle its rollouts, run copy, model and HIL reports
     cycles: int = 1  # cycles to have finished when the command returns (finished ones are not run again)
     canary: str | None = None  # None: the first device
-    margin: float = 0.05  # the canary's delay may exceed the active model's by this fraction at most
+    margin: float = 0.05  # the canary's delay may exceed the active model's by this fraction at most (< 0: must gain)
+    confirm: bool = True  # after the canary, a HIL run with the whole fleet on the new model must pass the same gate
     speed: float | None = None  # HIL pacing (None: as fast as the devices answer)
     seed: int = 0  # SUMO seed of both HIL runs of a cycle (the same traffic, so the comparison is paired)
     demand: str = "moderate"
@@ -124,6 +125,10 @@ class Fleet:
         if failed:
             raise RELEDError(f"deploying {model.name} failed on {'; '.join(failed)}")
 
+    def committed(self, devices: list[str], sha256: str) -> bool:
+        """Whether each of ``devices`` reports ``sha256`` active and COMMITTED."""
+        return all((a := self.active(d)).get("sha256") == sha256 and a.get("state") == "COMMITTED" for d in devices)
+
     def active(self, device: str) -> dict[str, Any]:
         self.server.pump(0.2)
         report = self.server.reported.get(device) or {}
@@ -161,6 +166,10 @@ def held_out_states(run: Path, decisions: int = HOLDOUT_DECISIONS) -> tuple[np.n
     return obs, masks
 
 
+def merge_spans(*parts: dict[str, list[list[float]]]) -> dict[str, list[list[float]]]:
+    return {d: [span for part in parts for span in part.get(d, [])] for d in {d for part in parts for d in part}}
+
+
 def rows_in(folder: Path, files: set[str]) -> int:
     total = 0
     for name in files:
@@ -187,18 +196,19 @@ def hil_summary(report: HilReport) -> dict[str, Any]:
             "wall_seconds": report.wall_seconds}
 
 
-def judge_canary(active_delay: float, canary_delay: float, violations: int, committed: bool,
-                 margin: float) -> dict[str, Any]:
-    """The canary gate: the run with the canary on the new model keeps the delay within ``margin`` (a fraction)
-    of the active model's on the same traffic, shows no unsafe state, and the canary committed the model."""
+def judge_trial(active_delay: float, trial_delay: float, violations: int, committed: bool,
+                margin: float) -> dict[str, Any]:
+    """The gate of a trial run (the canary on the new model, or then the whole fleet): it keeps the delay within
+    ``margin`` (a fraction) of the active model's on the same traffic, shows no unsafe state, and every device
+    the model went to committed it during the run."""
     limit = active_delay * (1 + margin)
     reasons = [why for bad, why in (
-        (not canary_delay <= limit, f"delay {canary_delay:.2f} s > {limit:.2f} s (active {active_delay:.2f} s + "
-                                    f"{margin:.0%})"),
+        (not trial_delay <= limit, f"delay {trial_delay:.2f} s > {limit:.2f} s (active {active_delay:.2f} s + "
+                                   f"{margin:.0%})"),
         (violations > 0, f"{violations} safety violations"),
-        (not committed, "the canary did not commit the new model during the run"),
+        (not committed, "a device did not commit the new model during the run"),
     ) if bad]
-    return {"passed": not reasons, "reasons": reasons, "active_delay": active_delay, "canary_delay": canary_delay,
+    return {"passed": not reasons, "reasons": reasons, "active_delay": active_delay, "trial_delay": trial_delay,
             "limit": limit, "margin": margin}
 
 
@@ -248,15 +258,16 @@ class Loop:
             self.state["seen"] = sorted(fleet.batch_files())
         self.save()
 
-    def _settle_canary(self, fleet: Fleet) -> None:
-        """A cycle that stopped between its canary deploy and the verdict left an untested model on the canary:
-        roll it back, so the next active run is the active model's."""
+    def _settle_trial(self, fleet: Fleet) -> None:
+        """A cycle that stopped between a trial deploy and its verdict left an untested model on some devices: roll
+        them back, so the next active run is the active model's."""
         pending = self.state.get("pending")
         if not pending:
             return
-        if fleet.active(pending["canary"]).get("policy_version") == pending["policy_version"]:
-            self.progress(f"an unfinished cycle left v{pending['policy_version']} on {pending['canary']}: rolling back")
-            rollback(fleet.server, pending["canary"])
+        for device in pending["devices"]:
+            if fleet.active(device).get("policy_version") == pending["policy_version"]:
+                self.progress(f"an unfinished cycle left v{pending['policy_version']} on {device}: rolling back")
+                rollback(fleet.server, device)
         self.state["pending"] = None
         self.save()
 
@@ -285,7 +296,7 @@ class Loop:
         if canary not in fleet.configs:
             raise RELEDError(f"--canary {canary!r} is not a HIL device of the fleet: choose one of {devices}")
 
-        self._settle_canary(fleet)
+        self._settle_trial(fleet)
         self.progress(f"cycle {number}: HIL run, the active model on every device")
         active = self._hil(folder / "hil_active")
         recorded = fleet.recorded(s.flush_timeout)
@@ -297,8 +308,7 @@ class Loop:
         state["recorded"], state["seen"] = recorded, sorted(set(state["seen"]) | new_files)
 
         self.progress(f"cycle {number}: update on {rows['collected']} street rows mixed with simulation")
-        earlier, now = state.get("not_applied") or {}, fallback_spans(active)
-        not_applied = {d: [*earlier.get(d, []), *now.get(d, [])] for d in {*earlier, *now}}
+        not_applied = merge_spans(state.get("not_applied") or {}, fallback_spans(active))
         update = update_from_street(Path(state["current_run"]), folder / "rollouts", fleet.lights,
                                     state["versions"], updates=s.updates, street_share=s.street_share,
                                     rho_max=s.rho_max, out=folder / "run", not_applied=not_applied,
@@ -311,36 +321,52 @@ class Loop:
         export_policy(ExportRequest(out=model, run=folder / "run" / "latest.pt", policy_version=version,
                                     holdout_decisions=60))
         state["versions"].append(version)
-        state["pending"] = {"canary": canary, "model": str(model), "policy_version": version}
-        self.save()  # a crash from here on: the next start rolls the canary back first (_settle_canary)
+        state["pending"] = {"devices": [canary], "model": str(model), "policy_version": version}
+        self.save()  # a crash from here on: the next start rolls the trial devices back first (_settle_trial)
 
         self.progress(f"cycle {number}: canary {canary} gets v{version}; HIL run on the same seed")
         fleet.deploy(model, [canary])
         trial = self._hil(folder / "hil_canary")
         state["not_applied"] = fallback_spans(trial)  # the canary run's rows are the next cycle's
-        committed = fleet.active(canary)
-        gate = judge_canary(active.metrics["avg_delay"], trial.metrics["avg_delay"], trial.total_violations,
-                            committed.get("sha256") == Model.load(model).sha256 and
-                            committed.get("state") == "COMMITTED", s.margin)
-        passed, reasons = gate["passed"], gate["reasons"]
-        if passed:
+        sha = Model.load(model).sha256
+        gate = judge_trial(active.metrics["avg_delay"], trial.metrics["avg_delay"], trial.total_violations,
+                           fleet.committed([canary], sha), s.margin)
+        confirmation, fleet_run = None, None
+        if gate["passed"]:
             rest = [d for d in devices if d != canary]
-            self.progress(f"cycle {number}: gate passed; v{version} to {len(rest)} more device(s)")
+            self.progress(f"cycle {number}: canary gate passed; v{version} to {len(rest)} more device(s)")
             if rest:
+                state["pending"]["devices"] = devices
+                self.save()
                 fleet.deploy(model, rest)
+            if s.confirm and rest:
+                self.progress(f"cycle {number}: the whole fleet on v{version}: confirming HIL run on the same seed")
+                whole = self._hil(folder / "hil_fleet")
+                state["not_applied"] = merge_spans(state["not_applied"], fallback_spans(whole))
+                fleet_run = hil_summary(whole)
+                confirmation = judge_trial(active.metrics["avg_delay"], whole.metrics["avg_delay"],
+                                           whole.total_violations, fleet.committed(devices, sha), s.margin)
+        trials = [gate, *([confirmation] if confirmation else [])]
+        passed = all(t["passed"] for t in trials)
+        if passed:
             state["active_model"], state["current_run"] = str(model), str(folder / "run")
         else:
-            self.progress(f"cycle {number}: gate refused ({'; '.join(reasons)}); rolling {canary} back")
-            rollback(fleet.server, canary)
+            back = devices if confirmation else [canary]
+            why = "; ".join(trials[-1]["reasons"])
+            self.progress(f"cycle {number}: {'fleet-wide run' if confirmation else 'canary gate'} refused ({why}); "
+                          f"rolling {len(back)} device(s) back")
+            for device in back:
+                rollback(fleet.server, device)
         state["pending"] = None
         return {"cycle": number, "policy_version": version, "model": str(model), "canary": canary,
                 "rows": rows, "update": {k: v for k, v in update.as_dict().items() if k not in ("counts", "run")},
-                "active": hil_summary(active), "canary_run": hil_summary(trial),
-                "gate": gate}
+                "active": hil_summary(active), "canary_run": hil_summary(trial), "gate": gate,
+                "fleet_run": fleet_run, "confirmation": confirmation, "adopted": passed}
 
 
 def run_loop(settings: LoopSettings, progress: Progress = log.info) -> list[dict[str, Any]]:
-    if settings.cycles < 1 or settings.margin < 0:
-        raise RELEDError(f"--cycles must be >= 1 (got {settings.cycles}) and --margin >= 0 (got {settings.margin})")
+    if settings.cycles < 1 or not settings.margin > -1:
+        raise RELEDError(f"--cycles must be >= 1 (got {settings.cycles}) and --margin > -1 (got {settings.margin}; "
+                         "a negative margin asks for an improvement)")
     return Loop(replace(settings, fleet=settings.fleet.resolve(), out=settings.out.resolve()), progress).run()
 
