@@ -37,7 +37,7 @@ from edge_runtime.fleet.local import LocalFleet
 from trainer.export import ExportRequest, export_policy
 
 SITES = ["north", "south"]
-SETUPS = {"bridged": SITES, "one broker": []}  # the peer: the same fleet without site brokers
+SETUPS = {"2 site brokers, bridged": SITES, "one broker (peer)": []}
 
 
 def measure(root: Path, model: Path, daemons: int, batches: int, sites: list[str]) -> dict[str, Any]:
@@ -82,15 +82,14 @@ def main() -> None:
     def median(name: str, part: str, key: str) -> float:
         return statistics.median(run[part][key] for run in runs[name])
 
-    table = Table(title=f"{args.daemons} daemons on loopback ({', '.join(SITES)} bridged vs one broker), "
-                        f"median of {args.repeats}")
+    table = Table(title=f"loopback, median of {args.repeats} run{'s' * (args.repeats > 1)} each")
     for column in ("figure", *SETUPS):
         table.add_column(column, justify="right" if column != "figure" else "left")
     table.add_row(f"deploy to {args.daemons} daemons, s", *(f"{median(n, 'deploy', 'seconds'):.2f}" for n in SETUPS))
-    table.add_row("committed", *(" / ".join(str(r["deploy"]["committed"]) for r in runs[n]) for n in SETUPS))
+    table.add_row("committed (each run)", *(" / ".join(str(r["deploy"]["committed"]) for r in runs[n]) for n in SETUPS))
     table.add_row("rollouts end to end, rows/s",
                   *(f"{median(n, 'rollouts', 'rows_per_second'):,.0f}" for n in SETUPS))
-    table.add_row("batches acknowledged", *(" / ".join(f"{r['rollouts']['acked']}/{r['rollouts']['batches']}"
+    table.add_row("batches acknowledged (each run)", *(" / ".join(f"{r['rollouts']['acked']}/{r['rollouts']['batches']}"
                                                         for r in runs[n]) for n in SETUPS))
     console.print(table)
     for name in SETUPS:
