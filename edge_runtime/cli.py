@@ -42,6 +42,7 @@ DevicesOption = Annotated[Path, typer.Option(help="Folder of device files: the f
 DEFAULT_KEYS = Path("keys")
 DEFAULT_BROKER_DIR = Path(".reled/broker")
 DEFAULT_DEVICES = Path("firmware_configs/devices")
+BRIDGE_WAIT = 5.0  # s `broker start --bridge-to` waits for the bridge before it says it is not connected yet
 
 
 @app.callback()
@@ -77,6 +78,10 @@ def keys_init(
     device: Annotated[list[str] | None, typer.Option(help="A device to create MQTT credentials for "
                                                           "(repeatable).")] = None,
     devices: Annotated[Path | None, typer.Option(help="Also every device file in this folder.")] = None,
+    site: Annotated[list[str] | None, typer.Option(help="A site broker to create bridge credentials for "
+                                                        "(reled-bridge-SITE; repeatable): start the central broker "
+                                                        "from this folder afterwards, so it accepts the site.")]
+    = None,
 ) -> None:
     """Create the Ed25519 signing key pair and per-device MQTT passwords. Safe to run again: existing keys are
     kept, only new devices get credentials. Copy signing.pub and credentials/<id>.secret to each device."""
@@ -87,7 +92,7 @@ def keys_init(
     if devices is not None:
         ids += [d for d in device_files(devices) if d not in ids]
     folder = KeyFolder(keys)
-    created, users = folder.init(ids)
+    created, users = folder.init(ids, list(site or []))
     console.print(f"signing key: {'created' if created else 'kept'} ({folder.public_key_path})")
     console.print(f"new MQTT credentials: {', '.join(users) if users else 'none'}; all users: "
                   f"{', '.join(folder.users())}")
@@ -115,18 +120,46 @@ def broker_start(
     device_host: Annotated[list[str] | None, typer.Option(help="Another address the device listeners (not the fleet "
                                                                "tools') listen on (repeatable; `fleet up --netem` "
                                                                "gives each namespace's link).")] = None,
+    bridge_to: Annotated[str | None, typer.Option(help="Start a SITE broker, bridged to the central broker at "
+                                                       "HOST:PORT (its device port; its TLS port with --bridge-ca): "
+                                                       "devices connect here, the fleet tools to the central "
+                                                       "broker \\[default: none: a central or single broker]")]
+    = None,
+    site: Annotated[str | None, typer.Option(help="With --bridge-to: this site's name; the bridge logs in to the "
+                                                  "central broker as reled-bridge-SITE (`keys init --site SITE`) "
+                                                  "\\[default: none]")] = None,
+    bridge_ca: Annotated[Path | None, typer.Option(help="With --bridge-to: the central broker's CA (its "
+                                                        "KEYS/tls/ca.crt); the bridge then uses TLS and checks that "
+                                                        "the central's certificate names HOST \\[default: none: "
+                                                        "plain MQTT]")] = None,
 ) -> None:
     """Start Mosquitto: no anonymous access, one user per device, each device limited to its own topics and
-    its user name as client id; the fleet tools connect to a listener of their own."""
-    from edge_runtime.fleet import broker
+    its user name as client id; the fleet tools connect to a listener of their own. With --bridge-to, a site
+    broker that forwards its devices' topics to and from the central broker."""
+    from edge_runtime.fleet import bridge, broker
     from edge_runtime.keys import KeyFolder
 
-    info = broker.start(dir, KeyFolder(keys), host, port, tls_port, server_port, tls_only, list(tls_name or []),
-                        device_hosts=list(device_host or []))
+    if bridge_to is None and (site is not None or bridge_ca is not None):
+        raise RELEDError("--site and --bridge-ca describe a site broker's bridge: give --bridge-to HOST:PORT too")
+    link = bridge.Bridge.parse(bridge_to, site, bridge_ca) if bridge_to is not None else None
+    folder = KeyFolder(keys)
+    info = broker.start(dir, folder, host, port, tls_port, server_port, tls_only, list(tls_name or []),
+                        device_hosts=list(device_host or []), bridge=link)
     plain = f"devices on {info.port}, " if info.port is not None else ""
     tls = f"devices over TLS on {info.tls_port} (CA {info.ca_file}), " if info.tls_port is not None else ""
     console.print(f"mosquitto running on {info.host}: {plain}{tls}fleet tools on {info.server_port}; pid {info.pid}, "
-                  f"log {dir.resolve() / 'mosquitto.log'}")
+                  f"log {dir.resolve() / 'mosquitto.log'}", highlight=False, soft_wrap=True)
+    if link is None:
+        if sites := folder.sites():
+            console.print(f"accepting the bridges of sites {', '.join(sites)}", highlight=False)
+        return
+    over = "TLS" if link.ca_file is not None else "plain MQTT"
+    if bridge.wait_connected(folder, dir, link.site, BRIDGE_WAIT):
+        console.print(f"site {link.site}: bridged to {link.address} over {over}", highlight=False)
+    else:  # the site serves its devices all the same; Mosquitto keeps trying
+        console.print(f"[yellow]site {escape(link.site)}: the bridge to {link.address} ({over}) is not connected "
+                      f"after {BRIDGE_WAIT:g} s[/]: {escape(broker.last_log_line(dir))} (it keeps retrying)",
+                      highlight=False, soft_wrap=True)
 
 
 @broker_app.command("stop")
@@ -220,12 +253,21 @@ def status(
     settle: Annotated[float, typer.Option(help="Seconds to gather the retained reports.")] = 1.0,
 ) -> None:
     """Every device's reported state, model, mode and drift from its desired state; a device whose messages break
-    the protocol's schema is listed as invalid, with the reason."""
+    the protocol's schema is listed as invalid, with the reason. Against a central broker, also whether each site
+    broker's bridge is connected (its devices' rows are their last reports while it is not)."""
     from edge_runtime.fleet.deploy import fleet_snapshot
+    from edge_runtime.protocol import site_topic
 
-    server = _server(keys, broker_dir, host, port, "status")
+    server = _server(keys, broker_dir, host, port, "status", [site_topic("+")])
+    sites: dict[str, bool] = {}  # site broker -> its bridge connected (the state it keeps retained here)
+
+    def on_message(message: Any) -> None:
+        parts = message.topic.split("/")
+        if len(parts) == 5 and message.topic == site_topic(parts[3]) and message.payload in (b"0", b"1"):
+            sites[parts[3]] = message.payload == b"1"
+
     try:
-        fleet_snapshot(server, settle)
+        fleet_snapshot(server, settle, on_message)
     finally:
         server.close()
     table = Table(title="fleet")
@@ -248,6 +290,9 @@ def status(
                       want_text, drift, Text(rep.get("mode", "?")), str(rep.get("decisions", "?")),
                       str(rep.get("outbox_rows", "?")), Text(invalid.get(dev) or rep.get("error") or ""))
     console.print(table)
+    if sites:
+        console.print("sites: " + ", ".join(f"{escape(name)} {'[green]bridged[/]' if up else '[red]cut off[/]'}"
+                                            for name, up in sorted(sites.items())), highlight=False, soft_wrap=True)
 
 
 @app.command("rollback")

@@ -3,7 +3,8 @@
 Layout (all secrets 0600)::
 
     signing.key  signing.pub          Ed25519, PEM; devices get signing.pub only
-    credentials/<user>.secret         one random password per device and one for the server
+    credentials/<user>.secret         one random password per device, one for the server and one per site broker
+                                      (reled-bridge-<site>: its bridge's login on the central broker)
     tls/ca.crt ca.key                 the broker's CA (kept: devices pin ca.crt)
     tls/server.crt server.key         its certificate (reissued from the CA when the broker's names change)
 
@@ -27,7 +28,7 @@ from cryptography.x509.oid import NameOID
 from edge_runtime.credentials import read_password
 from edge_runtime.errors import RELEDError
 from edge_runtime.fileio import atomic_write_bytes
-from edge_runtime.protocol import SERVER_USER, check_device_id
+from edge_runtime.protocol import BRIDGE_PREFIX, SERVER_USER, bridge_user, check_device_id
 
 
 def write_secret(path: Path, data: bytes) -> None:
@@ -53,12 +54,21 @@ class KeyFolder:
     def tls_dir(self) -> Path:
         return self.root / "tls"
 
-    def init(self, devices: list[str]) -> tuple[bool, list[str]]:
-        """Create what is missing; returns (signing key created, users given new credentials)."""
+    def init(self, devices: list[str], sites: list[str] = ()) -> tuple[bool, list[str]]:
+        """Create what is missing; returns (signing key created, users given new credentials). ``sites``: site
+        brokers whose bridges log in to the central broker started from this folder."""
+        try:
+            bridges = [bridge_user(site) for site in sites]
+            for device in devices:
+                check_device_id(device)
+        except ValueError as exc:
+            raise RELEDError(str(exc)) from None
         for device in devices:
-            check_device_id(device)
             if device == SERVER_USER:
                 raise RELEDError(f"{SERVER_USER!r} is the server's own MQTT user: choose another device id")
+            if device.startswith(BRIDGE_PREFIX):
+                raise RELEDError(f"device id {device!r}: ids starting with {BRIDGE_PREFIX!r} are site brokers' "
+                                 "bridge users: choose another device id")
         created = not self.signing_key_path.exists()
         if created:
             key = Ed25519PrivateKey.generate()
@@ -66,7 +76,7 @@ class KeyFolder:
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
             atomic_write_bytes(self.public_key_path, key.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-        new_users = [u for u in [SERVER_USER, *devices] if not self.secret_path(u).exists()]
+        new_users = [u for u in [SERVER_USER, *devices, *bridges] if not self.secret_path(u).exists()]
         for user in new_users:
             write_secret(self.secret_path(user), (secrets.token_urlsafe(24) + "\n").encode())
         return created, new_users
@@ -83,6 +93,13 @@ class KeyFolder:
     def users(self) -> list[str]:
         folder = self.root / "credentials"
         return sorted(p.stem for p in folder.glob("*.secret")) if folder.is_dir() else []
+
+    def devices(self) -> list[str]:
+        return [u for u in self.users() if u != SERVER_USER and not u.startswith(BRIDGE_PREFIX)]
+
+    def sites(self) -> list[str]:
+        """The site brokers that have bridge credentials here."""
+        return [u.removeprefix(BRIDGE_PREFIX) for u in self.users() if u.startswith(BRIDGE_PREFIX)]
 
     def password(self, user: str) -> str:
         return read_password(self.secret_path(user))

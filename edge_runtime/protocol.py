@@ -28,7 +28,13 @@ MAX_DEPTH = 8  # RELED messages nest 4 levels at most
 MAX_CONTAINERS = 1024  # arrays and objects per message, counted before parsing
 MAX_NODES = 20_000  # values per message (a manifest lists one hash per chunk)
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 SERVER_USER = "reled-server"
+BRIDGE_PREFIX = "reled-bridge-"  # + a site name: a site broker's user on the central broker (no device id may start so)
+# A device's leaves by direction (the table in docs/edge.md §3): the device ACL lets a device read only what the
+# server tells it and write only what it reports; a site broker's bridge carries the first in and the second out.
+TO_DEVICE = ("desired", "rollouts/ack", "hil/obs")
+FROM_DEVICE = ("status", "events", "req/chunk", "rollouts", "hil/act", "reported")
 
 
 class ProtocolError(ValueError):
@@ -57,6 +63,23 @@ def check_device_id(device: str) -> str:
         raise ValueError(f"device id {device!r} must be 1-64 letters, digits, '_', '.' or '-' "
                          "(it becomes an MQTT user name and a topic level)")
     return device
+
+
+def check_site(site: str) -> str:
+    if not SITE_ID.match(site):
+        raise ValueError(f"site name {site!r} must be 1-32 letters, digits, '_' or '-' "
+                         "(it becomes part of an MQTT user name, client id and topic)")
+    return site
+
+
+def bridge_user(site: str) -> str:
+    """The MQTT user (and client id) a site broker's bridge has on the central broker."""
+    return BRIDGE_PREFIX + check_site(site)
+
+
+def site_topic(site: str) -> str:
+    """Where the central and the site broker keep the state of the site's bridge: retained "1" or "0"."""
+    return f"{ROOT}/sites/{site}/bridge"
 
 
 def encode(document: dict[str, Any]) -> bytes:

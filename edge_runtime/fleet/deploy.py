@@ -16,6 +16,7 @@ from edge_runtime.device.deploy_state import IN_PROGRESS, DeployState
 from edge_runtime.device.device_config import DeviceConfig
 from edge_runtime.errors import RELEDError
 from edge_runtime.fleet.server import Model, ServerLink
+from edge_runtime.mqtt import Message
 
 DONE, FAILED, PENDING = "committed", "failed", "pending"
 STAGED_DONE = "staged"  # the deploy's goal for a hardware-in-the-loop device: it commits during the next HIL run
@@ -136,8 +137,10 @@ def rollback(server: ServerLink, device: str, timeout: float = 60.0) -> dict[str
     raise RELEDError(f"{device} did not confirm the rollback within {timeout:g} s ({why})")
 
 
-def fleet_snapshot(server: ServerLink, settle: float = 1.0) -> None:
-    """Collect the retained reports, statuses and commands the broker holds."""
+def fleet_snapshot(server: ServerLink, settle: float = 1.0,
+                   on_message: Callable[[Message], None] | None = None) -> None:
+    """Collect the retained reports, statuses and commands the broker holds (``on_message``: also sees the
+    messages of the link's extra subscriptions)."""
     end = time.monotonic() + settle
     while time.monotonic() < end:
-        server.pump(0.05)
+        server.pump(0.05, on_message)

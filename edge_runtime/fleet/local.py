@@ -70,9 +70,20 @@ def toml_value(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
 
 
+@dataclass(frozen=True)
+class Site:
+    """A site broker of a local fleet (:meth:`LocalFleet.add_site`), bridged to the fleet's central broker."""
+
+    name: str
+    folder: Path
+    port: int  # its devices' listener
+    server_port: int  # its own tools' listener
+
+
 @dataclass
 class LocalFleet:
-    """Broker, keys, device files and daemons under ``root``; :meth:`close` stops everything it started."""
+    """Broker, keys, device files and daemons under ``root``; :meth:`close` stops everything it started. With
+    :meth:`add_site`, site brokers bridged to that broker, which is then the central one."""
 
     root: Path
     port: int = field(default_factory=free_port)  # the devices' listener
@@ -80,6 +91,7 @@ class LocalFleet:
     daemons: dict[str, subprocess.Popen] = field(default_factory=dict)
     background: list[subprocess.Popen] = field(default_factory=list)
     observers: list[ServerLink] = field(default_factory=list)
+    sites: dict[str, Site] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root = self.root.resolve()  # device files name absolute paths
@@ -113,9 +125,11 @@ class LocalFleet:
         return proc
 
     def write_device(self, device: str, /, intersection: str, greens: list[str], replay_seed: int = 0,
-                     groups: tuple[str, ...] = ("local",), hil: bool = False, **sections: dict[str, Any]) -> Path:
+                     groups: tuple[str, ...] = ("local",), hil: bool = False, site: str | None = None,
+                     **sections: dict[str, Any]) -> Path:
         """``device``'s file: a synthetic replay sensor and a log actuator, or with ``hil`` the simulation's
-        (`reled hil run` drives time, reads the heads and sends detector readings); ``sections`` override."""
+        (`reled hil run` drives time, reads the heads and sends detector readings); ``site``: the device connects
+        to that site broker instead of the central one; ``sections`` override."""
         if hil:
             io: dict[str, dict[str, Any]] = {"sensor": {"adapter": "hil"}, "actuator": {"adapter": "hil"}}
         else:
@@ -126,7 +140,7 @@ class LocalFleet:
             "device": {"id": device, "intersection": intersection, "state_dir": str(self.root / "state" / device),
                        "groups": list(groups)},
             "signal": {"green_phases": greens},
-            "broker": {"host": "127.0.0.1", "port": self.port,
+            "broker": {"host": "127.0.0.1", "port": self.sites[site].port if site else self.port,
                        "password_file": str(KeyFolder(self.keys).secret_path(device))},
             "security": {"public_key": str(KeyFolder(self.keys).public_key_path)},
             **io,
@@ -140,7 +154,28 @@ class LocalFleet:
         return path
 
     def init_keys(self) -> None:
-        self.edge("keys", "init", "--keys", str(self.keys), "--devices", str(self.devices), check=True)
+        sites = [a for name in self.sites for a in ("--site", name)]
+        self.edge("keys", "init", "--keys", str(self.keys), "--devices", str(self.devices), *sites, check=True)
+
+    def add_site(self, name: str) -> Site:
+        """A site broker's folder and free ports (before :meth:`init_keys`, which gives it bridge credentials)."""
+        taken = [self.port, self.server_port, *(p for s in self.sites.values() for p in (s.port, s.server_port))]
+        port = free_port(*taken)
+        site = Site(name, self.root / "sites" / name, port, free_port(*taken, port))
+        self.sites[name] = site
+        return site
+
+    def start_site(self, name: str, central_port: int | None = None, *extra: str) -> str:
+        """`reled-edge broker start --bridge-to` for site ``name``, bridged to the central broker's device port (or
+        ``central_port``, e.g. its TLS port with ``extra`` --bridge-ca); returns what it printed."""
+        site = self.sites[name]
+        return self.edge("broker", "start", "--keys", str(self.keys), "--dir", str(site.folder), "--port",
+                         str(site.port), "--server-port", str(site.server_port), "--bridge-to",
+                         f"127.0.0.1:{central_port or self.port}", "--site", name, *extra, check=True).stdout
+
+    def broker_folder(self, site: str | None = None) -> Path:
+        """The central broker's folder, or site ``site``'s."""
+        return self.sites[site].folder if site else self.broker_dir
 
     def start_broker(self, tls_port: int | None = None, *extra: str) -> None:
         """`reled-edge broker start` on this fleet's ports (``extra``: more options, e.g. --tls-only)."""
@@ -150,17 +185,17 @@ class LocalFleet:
             args += ["--tls-port", str(tls_port)]
         self.edge(*args, check=True)
 
-    def broker_pid(self) -> int:
-        return BrokerInfo.read(self.broker_dir).pid
+    def broker_pid(self, site: str | None = None) -> int:
+        return BrokerInfo.read(self.broker_folder(site)).pid
 
-    def kill_broker(self) -> None:
-        """SIGKILL: no goodbye, no persistence save (what a crash or a power cut does)."""
+    def kill_broker(self, site: str | None = None) -> None:
+        """SIGKILL (the central broker, or site ``site``'s): no goodbye, no persistence save (a crash, a power cut)."""
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self.broker_pid(), signal.SIGKILL)
+            os.kill(self.broker_pid(site), signal.SIGKILL)
         time.sleep(0.2)
 
-    def stop_broker(self) -> None:
-        self.edge("broker", "stop", "--dir", str(self.broker_dir))
+    def stop_broker(self, site: str | None = None) -> None:
+        self.edge("broker", "stop", "--dir", str(self.broker_folder(site)))
 
     def start_daemon(self, device: str, env: dict[str, str] | None = None,
                      prefix: list[str] | None = None) -> subprocess.Popen:
@@ -196,15 +231,17 @@ class LocalFleet:
         path = self.root / "state" / device / "state.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def observer(self, extra: list[str] | None = None) -> ServerLink:
-        """A server connection that records what the devices report (closed by :meth:`close`)."""
+    def observer(self, extra: list[str] | None = None, site: str | None = None) -> ServerLink:
+        """A server connection (to the central broker, or site ``site``'s) that records what the devices report
+        (closed by :meth:`close`)."""
         keys = KeyFolder(self.keys)
-        link = ServerLink(keys, server_address(keys, self.broker_dir, None, None), "observer", extra or []).start()
+        link = ServerLink(keys, server_address(keys, self.broker_folder(site), None, None), "observer",
+                          extra or []).start()
         self.observers.append(link)
         return link
 
     def close(self) -> None:
-        """Stop what this fleet started: observers, background commands, daemons, then the broker."""
+        """Stop what this fleet started: observers, background commands, daemons, then the brokers."""
         for link in self.observers:
             with contextlib.suppress(Exception):
                 link.close()
@@ -216,8 +253,9 @@ class LocalFleet:
         for device in list(self.daemons):
             with contextlib.suppress(Exception):
                 self.kill_daemon(device, signal.SIGTERM)
-        with contextlib.suppress(Exception):
-            self.stop_broker()
+        for site in [*self.sites, None]:
+            with contextlib.suppress(Exception):
+                self.stop_broker(site)
 
 
 def wait_for(predicate: Any, timeout: float, what: str, poll: Any = None) -> Any:

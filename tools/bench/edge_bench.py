@@ -108,13 +108,30 @@ def deploy_time(fleet: LocalFleet, model_path: Path, n: int) -> dict[str, float]
             "failures": {r.device: r.detail for r in results if r.outcome != DONE}}
 
 
-def rollout_rate(fleet: LocalFleet, batches: int, rows: int) -> dict[str, float]:
+def write_devices(fleet: LocalFleet, model: Path, n: int, sites: list[str] = ()) -> None:
+    """The files of ``n`` bench daemons (group `bench`, spread evenly over ``sites`` when given) and of the rollout
+    streamer (credentials only, on the first site)."""
+    tables = list(OnnxPolicy(model).meta.phase_tables.items())
+    for k in range(n):
+        light, greens = tables[k % len(tables)]
+        fleet.write_device(f"dev{k}", light, greens, replay_seed=k, groups=("bench",),
+                           site=sites[k * len(sites) // n] if sites else None,
+                           runtime={"decision_seconds": 1.0, "speed": 50.0}, probation={"decisions": 5},
+                           # n daemons share this machine's cores (a controller has its own): scheduling stalls of
+                           # several ms are this bench's, not the policy's, so widen the budget
+                           inference={"latency_budget_ms": 100.0})
+    fleet.write_device(ROLLOUT_DEVICE, *tables[0], groups=("spare",), site=sites[0] if sites else None)
+
+
+def rollout_rate(fleet: LocalFleet, batches: int, rows: int, port: int | None = None) -> dict[str, float]:
+    """Rows per second from a device publishing on ``port`` (default: the fleet's broker) to `reled-edge collect`
+    on the fleet's broker and its acknowledgements back."""
     out = fleet.root / "rollouts"
     collector = fleet.edge_background("collect", "--out", str(out), log=fleet.root / "collect.log")
     # a device of its own: the broker binds client ids to users, so a second connection with a running daemon's
     # credentials would take its session over (and the daemon would take it back)
     password = (fleet.keys / "credentials" / f"{ROLLOUT_DEVICE}.secret").read_text().strip()
-    link = Link(BrokerAddress("127.0.0.1", fleet.port, ROLLOUT_DEVICE, password), f"bench-{ROLLOUT_DEVICE}",
+    link = Link(BrokerAddress("127.0.0.1", port or fleet.port, ROLLOUT_DEVICE, password), f"bench-{ROLLOUT_DEVICE}",
                 [device_topic(ROLLOUT_DEVICE, "rollouts/ack")]).start()
     acked: dict[int, set[int]] = {}  # epoch -> acknowledged seqs
 
@@ -183,15 +200,7 @@ def main() -> None:
         lat = latency(report.fp32, report.int8, actor, args.decisions)
 
         fleet = LocalFleet(root / "fleet")
-        tables = list(OnnxPolicy(report.fp32).meta.phase_tables.items())
-        for k in range(args.daemons):
-            light, greens = tables[k % len(tables)]
-            fleet.write_device(f"dev{k}", light, greens, replay_seed=k, groups=("bench",),
-                               runtime={"decision_seconds": 1.0, "speed": 50.0}, probation={"decisions": 5},
-                               # 20 daemons share this machine's cores (a controller has its own): scheduling
-                               # stalls of several ms are this bench's, not the policy's, so widen the budget
-                               inference={"latency_budget_ms": 100.0})
-        fleet.write_device(ROLLOUT_DEVICE, *tables[0], groups=("spare",))  # credentials only, never started
+        write_devices(fleet, report.fp32, args.daemons)
         fleet.init_keys()
         fleet.start_broker()
         try:
