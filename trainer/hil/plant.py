@@ -68,11 +68,8 @@ class HilPlant(TrafficSignalEnv):
 
     @property
     def signal_timing(self) -> SignalTiming:
+        """The scenario's timing as a controller's device file states it (without the decision interval)."""
         return SignalTiming(self.timing.yellow, self.timing.all_red, self.timing.min_green, self.timing.max_green)
-
-    @property
-    def decision_seconds(self) -> float:
-        return self.timing.delta
 
     @property
     def done(self) -> bool:

@@ -25,8 +25,9 @@ from edge_runtime.protocol import ProtocolError
 from edge_runtime.rollouts import SOURCE_FALLBACK
 from trainer.env import EnvConfig
 from trainer.hil.bridge import Answer, PlantLink, check_fleet_folder, fleet_devices, parse_answer
-from trainer.hil.plant import HilPlant
+from trainer.hil.plant import HilPlant, TimedState
 from trainer.scenarios import get_scenario
+from trainer.sim.intersections import Intersection
 
 log = logging.getLogger(__name__)
 EVENTS_KEPT = 1000  # a run with a dead device logs one event per streak, not one per decision
@@ -113,6 +114,23 @@ class Tracker:
         self.timeline: dict[str, list[float]] = {"t": [], "wall_s": [], "queued": [], "lag_ms": [],
                                                  "rtt_max_ms": [], "answered": [], "fallbacks": []}
 
+    def states(self, device: str, answers: dict[str, Answer], refused: dict[str, str], t: float, until: float,
+               inter: Intersection, deadline_ms: float) -> list[TimedState] | None:
+        """The states ``device`` answered this decision with, or None when it has none to apply (missing, or
+        refused: counted, and its light runs the plant's plan)."""
+        answer = answers.get(device)
+        if answer is None:
+            detail = refused.get(device) or f"no answer within {deadline_ms:g} ms"
+            self.failed(device, "invalid" if device in refused else "missing", t, detail)
+            return None
+        try:
+            states = parse_answer(answer.document, t, until, inter)
+        except ProtocolError as exc:
+            self.failed(device, "invalid", t, str(exc))
+            return None
+        self.answered(device, answer)
+        return states
+
     def answered(self, device: str, answer: Answer) -> None:
         tally, doc = self.tallies[device], answer.document
         tally.answered += 1
@@ -189,19 +207,8 @@ def _drive(plant: HilPlant, link: PlantLink, devices: dict[str, str], settings: 
         answers, refused = link.gather(seq, expected, time.perf_counter() + settings.deadline_ms / 1000)
         fallbacks = 0
         for k, inter, device in lights:
-            states = None
-            if device is None:
-                pass
-            elif (answer := answers.get(device)) is not None:
-                try:
-                    states = parse_answer(answer.document, t, until, inter)
-                    tracker.answered(device, answer)
-                except ProtocolError as exc:
-                    tracker.failed(device, "invalid", t, str(exc))
-            elif device in refused:
-                tracker.failed(device, "invalid", t, refused[device])
-            else:
-                tracker.failed(device, "missing", t, f"no answer within {settings.deadline_ms:g} ms")
+            states = None if device is None else \
+                tracker.states(device, answers, refused, t, until, inter, settings.deadline_ms)
             if states is None:
                 plant.fallback(k, settings.fallback_green)
                 fallbacks += 1
