@@ -33,7 +33,8 @@ def test_help() -> None:
 
 def test_short_cologne8_run_writes_positive_figures(tmp_path: Path) -> None:
     data = bench_json(SCRIPT, tmp_path / "bench.json", "--nets", "cologne8", "--episode-seconds", "300",
-                      "--repeats", "1")
+                      "--repeats", "1", "--deltas", "10", "5", "--plot", str(tmp_path / "scaling.png"))
+    assert (tmp_path / "scaling.png").stat().st_size > 0
     assert {"config", "results", "comparisons", "targets", "all_passed", "same_traffic_passed", "runs"} <= data.keys()
 
     systems = {(r["system"], r["delta_s"]) for r in data["results"]}
@@ -42,7 +43,8 @@ def test_short_cologne8_run_writes_positive_figures(tmp_path: Path) -> None:
         assert {("ours", delta), ("sumo-rl", delta), ("replay", delta), ("ours-fixed", delta)} <= systems
     for row in data["results"]:
         assert row["net"] == "cologne8"
-        assert row["wall_s_median"] > 0 and row["sumo_s_median"] > 0
+        assert row["wall_s_median"] > 0 and row["cpu_s_median"] > 0 and row["sumo_s_median"] > 0
+        assert row["clock"] == "cpu" and row["time_s_median"] == row["cpu_s_median"]
         if row["system"] in ("ours", "ours-fixed", "sumo-rl"):
             assert row["agents"] == 8
             assert row["decisions_per_episode"] == 300 / row["delta_s"]
@@ -56,7 +58,7 @@ def test_short_cologne8_run_writes_positive_figures(tmp_path: Path) -> None:
         for key in ("overhead_vs_plain_pct", "overhead_vs_replay_pct", "fixed_overhead_vs_plain_pct",
                     "ours_python_share_pct"):
             assert isinstance(comp[key], float)
-    assert len(data["targets"]) == 8
+    assert len(data["targets"]) == 6  # per interval: sumo-rl ratio, ours vs replay, ours-fixed vs plain
     assert {t["kind"] for t in data["targets"]} == {"brief", "same traffic"}
     assert all(isinstance(t["passed"], bool) for t in data["targets"])
 
@@ -67,13 +69,15 @@ TRAIN_SCRIPT = SCRIPT.with_name("train_throughput.py")
 def test_train_throughput_on_short_episodes_writes_both_worker_counts(tmp_path: Path) -> None:
     data = bench_json(TRAIN_SCRIPT, tmp_path / "train.json", "--scenario", "grid2x2", "--updates", "1",
                       "--episode-seconds", "300")
-    assert [(r["algo"], r["workers"]) for r in data["runs"]] == [("ippo", 1), ("ippo", 2), ("reled", 2)]
+    assert [(r["algo"], r["workers"], r["overlap"]) for r in data["runs"]] == [
+        ("ippo", 1, False), ("ippo", 2, False), ("reled", 2, False), ("ippo", 1, True), ("ippo", 2, True)]
     for run in data["runs"]:
         assert run["agent_steps"] == 2 * 30 * 4  # one timed update: 2 episodes × 30 decisions × 4 lights
         assert run["agent_steps_per_second"] > 0
         assert run["collect_share"] + run["learn_share"] == pytest.approx(1.0)
         assert 0 < run["worker_sim_share"] < 1
-    assert data["speedup_2_over_1"] > 0
+    assert data["speedup_2_over_1"] == data["speedups"]["2_over_1"] > 0
+    assert all(v > 0 for v in data["speedups"].values())
     reled = data["runs"][2]
     assert reled["hpo_seconds"] > 0  # the DTW distances were computed
     overhead = data["reled_overhead"]

@@ -76,12 +76,44 @@ def test_resume_continues_exactly(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    timing = {"wall_seconds", "collect_seconds", "learn_seconds", "sim_seconds", "policy_seconds"}
+    _assert_same_logs(straight, split)
+    assert len(CsvLog(split / "metrics.csv").read()) == 4
+
+
+def _assert_same_logs(a: Path, b: Path) -> None:
+    timing = {"wall_seconds", "collect_seconds", "learn_seconds", "overlapped_collect_seconds", "sim_seconds",
+              "policy_seconds"}
     for name in ("metrics.csv", "evaluations.csv"):
-        rows_a, rows_b = CsvLog(straight / name).read(), CsvLog(split / name).read()
+        rows_a, rows_b = CsvLog(a / name).read(), CsvLog(b / name).read()
         assert [{k: v for k, v in r.items() if k not in timing} for r in rows_a] == \
                [{k: v for k, v in r.items() if k not in timing} for r in rows_b]
-    assert len(CsvLog(split / "metrics.csv").read()) == 4
+
+
+def test_overlapped_collection_is_exact_across_resume_and_worker_counts(tmp_path):
+    """--overlap: the next batch is played while the learner updates, by the weights the update started from.
+    A run interrupted after update 3 and resumed with 1 worker instead of 2 ends with the same weights and logs
+    as one run straight through; and the overlap changes what is learned (batch 2 is played by the first
+    weights, not by the once-updated ones), so the comparison can fail."""
+    straight = tmp_path / "straight"
+    TrainingRun.create(straight, _config(steps=960, overlap=True)).train()
+    split = tmp_path / "split"
+    with pytest.raises(KeyboardInterrupt):
+        TrainingRun.create(split, _config(steps=960, overlap=True)).train(_interrupt_after(3))
+    assert "behaviour_actor" in load_checkpoint(split / "latest.pt")
+    TrainingRun.resume(split, workers=1).train()
+    a, b = _params(straight), _params(split)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    _assert_same_logs(straight, split)
+    rows = CsvLog(straight / "metrics.csv").read()
+    assert all(float(r["overlapped_collect_seconds"]) > 0 for r in rows[:-1])  # collected during the update
+    assert float(rows[-1]["overlapped_collect_seconds"]) == 0  # nothing follows the last update
+
+    plain = tmp_path / "plain"
+    TrainingRun.create(plain, _config(steps=960)).train()
+    first_plain, first_overlap = CsvLog(plain / "metrics.csv").read()[0], rows[0]
+    assert first_plain["loss/policy"] == first_overlap["loss/policy"]  # batch 1 is played by the same weights
+    assert any(not torch.equal(v, _params(plain)[k]) for k, v in a.items())
 
 
 def _kill_while_playing(worker, victim_pid, after: float) -> threading.Thread:

@@ -11,7 +11,8 @@ warm-up update that is not timed (worker start, imports). It reports:
 * agent-steps/s over the timed updates (wall-clock, workers and learner together);
 * the share of wall time spent collecting episodes (SUMO workers) vs in the learner (PPO update);
 * inside the workers, the CPU seconds in SUMO + the environment vs choosing actions (the actor);
-* the speed-up of 2 workers over 1 (the peer measured in the same run);
+* the speed-up of 2 workers over 1 (the peer measured in the same run), without and with ``--overlap``
+  (the next batch collected while the learner updates: its time is hidden behind collection);
 * RELED (IPPO plus the imitation term) with 2 workers beside IPPO with 2 workers: its per-update overhead,
   i.e. the DTW distances and weights plus the longer learner step (the demonstration rows), as a share of
   IPPO's update wall time (target ≤ 15%). SED passes are not in the timed updates (they run every
@@ -55,14 +56,15 @@ def make_demos(folder: Path, scenario: str, episode_seconds: float | None) -> Pa
 
 
 def measure(workers: int, updates: int, scenario: str, episode_seconds: float | None, demos: Path | None = None,
-            ) -> dict:
+            overlap: bool = False) -> dict:
     """Timed figures of ``updates`` updates after one untimed warm-up update (RELED when ``demos`` is given)."""
     with tempfile.TemporaryDirectory(prefix="reled-bench-") as tmp:
         rows: list[dict] = []
         algo = {"algo": "reled"} if demos else {}
         hpo = {"demos": str(demos), "sed_every": 0} if demos else None
         cfg = load_train_config(None, train={"scenario": scenario, "workers": workers, "steps": 10**9,
-                                             "eval_every": 10**6, "seed": 0, **algo}, hpo=hpo,
+                                             "eval_every": 10**6, "seed": 0, "overlap": overlap, **algo},
+                                hpo=hpo,
                                 env={"episode_seconds": episode_seconds})
         run = TrainingRun.create(Path(tmp) / "run", cfg)
 
@@ -80,7 +82,8 @@ def measure(workers: int, updates: int, scenario: str, episode_seconds: float | 
     learn = sum(r["learn_seconds"] for r in timed)
     sim = sum(r["sim_seconds"] for r in timed)
     policy = sum(r["policy_seconds"] for r in timed)
-    return {"algo": "reled" if demos else "ippo", "workers": workers, "updates": len(timed), "agent_steps": steps,
+    return {"algo": "reled" if demos else "ippo", "workers": workers, "overlap": overlap, "updates": len(timed),
+            "agent_steps": steps,
             "wall_seconds": wall, "learn_seconds": learn, "collect_seconds": collect,
             "hpo_seconds": sum(r.get("hpo_seconds", 0.0) for r in timed),
             "agent_steps_per_second": steps / wall, "collect_share": collect / wall, "learn_share": learn / wall,
@@ -96,6 +99,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("docs/results/bench_train_throughput.json"))
     args = parser.parse_args()
     results = [measure(w, args.updates, args.scenario, args.episode_seconds) for w in (1, 2)]
+    overlapped = [measure(w, args.updates, args.scenario, args.episode_seconds, overlap=True) for w in (1, 2)]
     with tempfile.TemporaryDirectory(prefix="reled-bench-demos-") as tmp:
         demos = make_demos(Path(tmp) / "demos", args.scenario, args.episode_seconds)
         reled = measure(2, args.updates, args.scenario, args.episode_seconds, demos)
@@ -106,23 +110,31 @@ def main() -> None:
                 "extra_learn_seconds_per_update": (reled["learn_seconds"] - ippo["learn_seconds"]) / reled["updates"],
                 "ippo_update_seconds": per_update, "share_of_ippo_update": extra / per_update,
                 "wall_ratio": (reled["wall_seconds"] / reled["updates"]) / per_update}
-    speedup = results[1]["agent_steps_per_second"] / results[0]["agent_steps_per_second"]
+    rate = [r["agent_steps_per_second"] for r in (*results, *overlapped)]
+    speedup = rate[1] / rate[0]
+    speedups = {"2_over_1": speedup, "2_overlap_over_1": rate[3] / rate[0],
+                "2_overlap_over_1_overlap": rate[3] / rate[2], "overlap_gain_2_workers": rate[3] / rate[1]}
     table = Table(title=f"training throughput, IPPO on {args.scenario} ({args.updates} timed updates of 2 episodes)")
-    for col in ("workers", "agent-steps/s", "collecting (SUMO workers)", "learner (PPO update)",
+    for col in ("workers", "overlap", "agent-steps/s", "waiting for episodes", "learner (PPO update)",
                 "in workers: SUMO + env", "in workers: actor"):
         table.add_column(col, justify="right")
-    for r in results:
-        table.add_row(str(r["workers"]), f"{r['agent_steps_per_second']:,.0f}", f"{r['collect_share']:.0%}",
+    for r in (*results, *overlapped):
+        table.add_row(str(r["workers"]), "yes" if r["overlap"] else "no", f"{r['agent_steps_per_second']:,.0f}",
+                      f"{r['collect_share']:.0%}",
                       f"{r['learn_share']:.0%}", f"{r['worker_sim_share']:.0%}", f"{1 - r['worker_sim_share']:.0%}")
     console = Console(width=120)
     console.print(table)
-    console.print(f"2 workers / 1 worker: {speedup:.2f}x agent-steps/s")
+    console.print(f"2 workers / 1 worker: {speedup:.2f}x agent-steps/s; with --overlap: "
+                  f"{speedups['2_overlap_over_1_overlap']:.2f}x over 1 worker with overlap, "
+                  f"{speedups['2_overlap_over_1']:.2f}x over 1 worker without (overlap at 2 workers: "
+                  f"{speedups['overlap_gain_2_workers']:.2f}x)")
     console.print(f"RELED over IPPO (2 workers): DTW + weights {overhead['hpo_seconds_per_update'] * 1000:.0f} ms and "
                   f"learner {overhead['extra_learn_seconds_per_update'] * 1000:+.0f} ms per update = "
                   f"{overhead['share_of_ippo_update']:.1%} of IPPO's {per_update:.2f} s update (target <= 15%); "
                   f"whole updates {overhead['wall_ratio']:.2f}x (collection noise included)")
-    atomic_write_text(args.json, json.dumps({"scenario": args.scenario, "runs": [*results, reled],
-                                             "speedup_2_over_1": speedup, "reled_overhead": overhead},
+    atomic_write_text(args.json, json.dumps({"scenario": args.scenario, "runs": [*results, reled, *overlapped],
+                                             "speedup_2_over_1": speedup, "speedups": speedups,
+                                             "reled_overhead": overhead},
                                             indent=2) + "\n")
     console.print(f"wrote {args.json}")
 

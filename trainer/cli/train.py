@@ -24,6 +24,8 @@ TRAIN = OptionGroup(
     Flag("episodes_per_update", int, "Episodes per PPO update"),
     Flag("eval_every", int, "Updates between evaluations"),
     Flag("eval_episodes", int, "Greedy episodes per evaluation"),
+    Flag("overlap", bool, "Collect the next update's episodes while the learner updates (each batch is then one "
+                          "update behind; PPO's ratio uses the weights that played): the learner's time is hidden"),
 )
 HPO = OptionGroup(
     "trainer.marl.config:HPOConfig",
@@ -42,7 +44,7 @@ HPO = OptionGroup(
 )
 # What --resume refuses (the run's own settings), in the order its error names them.
 RESUME_FIXED = ("algo", "scenario", "demand", "seed", "config", "name", "backend", "reward", "episode_seconds",
-                "episodes_per_update", "eval_every", "eval_episodes", "demos", "expert_weight", "w_max",
+                "episodes_per_update", "eval_every", "eval_episodes", "overlap", "demos", "expert_weight", "w_max",
                 "gate_scale", "gate", "dtw", "sed", "sed_every", "sed_llm")
 
 

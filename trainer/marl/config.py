@@ -99,6 +99,7 @@ class TrainConfig:
     eval_every: int = 5  # updates between evaluations (deterministic actions)
     eval_episodes: int = 2  # evaluation episodes each time (SUMO seeds continue across evaluations)
     threads: int = 2  # torch threads of the learner
+    overlap: bool = False  # collect the next update's episodes while the learner updates (one update behind)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     hpo: HPOConfig = field(default_factory=HPOConfig)  # used by algo reled only
     env: EnvConfig = field(default_factory=EnvConfig)

@@ -38,8 +38,10 @@ class PPOLearner:
 
     # -- batches -----------------------------------------------------------------------------
     @torch.no_grad()
-    def prepare(self, episodes: list[Episode]) -> RolloutBatch:
-        """Old log-probs, values, GAE advantages and returns under the current networks."""
+    def prepare(self, episodes: list[Episode], behaviour: Actor | None = None) -> RolloutBatch:
+        """Values, GAE advantages and returns under the current networks; old log-probs under the policy that
+        played (``behaviour``: the weights of an earlier update, when collection overlaps learning)."""
+        policy = behaviour or self.actor
         self._update_return_norm(episodes)
         scale = self.reward_scale()
         parts = []
@@ -52,7 +54,7 @@ class PPOLearner:
             advantages, returns = gae(rewards, values[:-1], values[-1], self.ppo.gamma, self.ppo.gae_lambda)
             masks = torch.from_numpy(ep.masks)
             actions = torch.from_numpy(ep.actions)
-            log_probs = self.actor.distribution(obs.flatten(0, 1), masks.flatten(0, 1)).log_prob(actions.flatten())
+            log_probs = policy.distribution(obs.flatten(0, 1), masks.flatten(0, 1)).log_prob(actions.flatten())
             parts.append(RolloutBatch(
                 obs=obs.flatten(0, 1), masks=masks.flatten(0, 1), actions=actions.flatten(),
                 old_log_probs=log_probs, advantages=advantages.flatten(), returns=returns.flatten(),

@@ -6,6 +6,12 @@ keeps ``best.pt``. The last update ends with ``LAST_N`` greedy episodes of the f
 mean delay is the run's headline figure (what a deployed policy would show, not its best episode).
 Extra updates (``extra_updates``: street rollouts, ``trainer.marl.street_update``) run the same update with
 more rows added to its batch.
+
+``overlap``: while the learner updates on batch k, the workers already play batch k+1 with the weights the
+learner started update k from, so the cores the learner leaves idle keep collecting. Each batch is then one
+update behind the learner; PPO's ratio takes the log-probs of the weights that played (kept as the behaviour
+policy, saved in the checkpoint), and which weights play which batch is fixed by the schedule, never by
+timing, so a seed gives the same run with any number of workers and after --resume.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import contextlib
 import logging
 import math
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
@@ -36,6 +43,7 @@ from trainer.marl.expert_demos import (
     sed_pass,
 )
 from trainer.marl.hpo import Demonstrations, HybridObjective, weight_summary
+from trainer.marl.networks import Actor
 from trainer.marl.ppo import PPOLearner
 from trainer.marl.run_folder import (
     BEST,
@@ -56,6 +64,7 @@ from trainer.marl.run_folder import (
 )
 from trainer.marl.storage import RolloutBatch
 from trainer.marl.workers import ActorSpec, EpisodeJob, ProcessWorkers, RolloutWorkers
+from trainer.rollout import Episode
 from trainer.scenarios import get_scenario
 
 log = logging.getLogger(__name__)
@@ -91,6 +100,9 @@ class TrainingRun:
         self.hpo_log = CsvLog(folder / HPO_FILE, HPO_COLUMNS)
         self.sed_log = CsvLog(folder / SED_FILE, SED_COLUMNS)
         self.objective: HybridObjective | None = None  # RELED's imitation term, once its demonstrations are there
+        # overlap: the weights that play the next batch, and that batch once it was collected during an update
+        self.behaviour_state: dict[str, torch.Tensor] | None = None
+        self._next_batch: tuple[list[EpisodeJob], list[Episode]] | None = None
 
     def _attach_demos(self, state: dict[str, Any] | None = None) -> None:
         """Load the demonstrations the checkpoint names (RELED runs only)."""
@@ -129,6 +141,7 @@ class TrainingRun:
         if steps is not None and steps > progress.agent_steps:
             progress.finished = False
         run = cls(folder, config, progress, data["learner"])
+        run.behaviour_state = data.get("behaviour_actor")
         check_scenario(data, folder / LATEST, config.scenario, run.agents, run.n_phases)
         if config.algo == "reled":
             remove_other_versions(folder, progress.demos_version)
@@ -179,29 +192,65 @@ class TrainingRun:
             if workers is None:
                 pool.close()
 
+    def _jobs(self, first_episode: int) -> list[EpisodeJob]:
+        cfg = self.config
+        return [EpisodeJob(cfg.seed * SEED_STRIDE + first_episode + k) for k in range(cfg.episodes_per_update)]
+
+    def _behaviour(self, state: dict[str, torch.Tensor]) -> Actor:
+        actor = Actor(self.config.ppo.hidden, self.config.ppo.layers, self.config.ppo.normalize_obs)
+        actor.load_state_dict(state)
+        return actor.eval()
+
+    def _batch(self, pool: RolloutWorkers, jobs: list[EpisodeJob], overlap: bool,
+               ) -> tuple[list[Episode], Actor | None]:
+        """This update's episodes and the policy that played them (None: the learner's current one).
+
+        With ``overlap`` they were played by ``behaviour_state``: collected during the previous update, or now
+        (the first update, after --resume)."""
+        if not overlap or self.behaviour_state is None:
+            return pool.collect(self.learner.actor.state_dict(), jobs), None
+        if self._next_batch is not None and self._next_batch[0] == jobs:
+            episodes = self._next_batch[1]
+        else:
+            episodes = pool.collect(self.behaviour_state, jobs)
+        self._next_batch = None
+        return episodes, self._behaviour(self.behaviour_state)
+
     def _update(self, pool: RolloutWorkers, extend: BatchExtension | None = None) -> dict[str, Any]:
         cfg, progress = self.config, self.progress
         extra = extend is not None  # an update beyond the schedule (extra_updates)
+        overlap = cfg.overlap and not extra
         start = time.perf_counter()
-        jobs = [EpisodeJob(cfg.seed * SEED_STRIDE + progress.episodes + k) for k in range(cfg.episodes_per_update)]
-        episodes = pool.collect(self.learner.actor.state_dict(), jobs)
+        episodes, behaviour = self._batch(pool, self._jobs(progress.episodes), overlap)
         collected = time.perf_counter()
         lr = cfg.ppo.lr * (1 - (1 - cfg.ppo.lr_final_fraction) * min(1.0, progress.agent_steps / cfg.steps))
-        batch = self.learner.prepare(episodes)
-        hpo_stats: dict[str, Any] = {}
-        if self.objective is not None:
-            hpo_start = time.perf_counter()
-            weights = self.objective.weigh(episodes, self.learner.actor,  # the normalizer the episodes saw
-                                           progress.greedy_agent_return)
-            batch = RolloutBatch.concat([batch, self.objective.expert_rows(weights, batch.critic_in.shape[1])])
-            hpo_stats = {**weight_summary(weights, self.objective.sigma),
-                         "hpo_seconds": time.perf_counter() - hpo_start, **dict.fromkeys(SED_STATS)}
-        extra_stats: dict[str, Any] = {}
-        if extend is not None:
-            batch, extra_stats = extend(self.learner, batch)
-        stats = self.learner.update(batch, lr)
-        self.learner.observe(episodes)
+        results: dict[str, Any] = {}
+
+        def learn() -> None:
+            batch = self.learner.prepare(episodes, behaviour)
+            if self.objective is not None:
+                hpo_start = time.perf_counter()
+                results["weights"] = weights = self.objective.weigh(
+                    episodes, behaviour or self.learner.actor,  # the normalizer the episodes saw
+                    progress.greedy_agent_return)
+                batch = RolloutBatch.concat([batch, self.objective.expert_rows(weights, batch.critic_in.shape[1])])
+                results["hpo"] = {**weight_summary(weights, self.objective.sigma),
+                                  "hpo_seconds": time.perf_counter() - hpo_start, **dict.fromkeys(SED_STATS)}
+            if extend is not None:
+                batch, results["extra"] = extend(self.learner, batch)
+            results["stats"] = self.learner.update(batch, lr)
+            self.learner.observe(episodes)
+
+        overlapped = 0.0
+        if overlap:  # the next batch is played by the weights this update starts from
+            self.behaviour_state = {k: v.detach().clone() for k, v in self.learner.actor.state_dict().items()}
+        if overlap and progress.agent_steps + sum(ep.agent_steps for ep in episodes) < cfg.steps:
+            overlapped = self._learn_while_collecting(learn, pool, progress.episodes + len(episodes))
+        else:
+            learn()
         learned = time.perf_counter()
+        stats, hpo_stats, extra_stats = results["stats"], results.get("hpo", {}), results.get("extra", {})
+        weights = results.get("weights", [])
         progress.updates += 1
         progress.episodes += len(episodes)
         progress.agent_steps += sum(ep.agent_steps for ep in episodes)
@@ -230,6 +279,7 @@ class TrainingRun:
             "eval_delay": eval_delay,
             **stats,
             "collect_seconds": collected - start, "learn_seconds": learned - collected,
+            "overlapped_collect_seconds": overlapped,
             "sim_seconds": sum(ep.sim_seconds for ep in episodes),
             "policy_seconds": sum(ep.policy_seconds for ep in episodes),
             **hpo_stats,
@@ -239,6 +289,31 @@ class TrainingRun:
         self.metrics.append(row)
         self._checkpoint(eval_delay, replace_best=extra)
         return row
+
+    def _learn_while_collecting(self, learn: Callable[[], None], pool: RolloutWorkers, first_episode: int) -> float:
+        """Run ``learn`` in a thread while this thread collects the next batch with the weights the update
+        starts from; returns the collection's seconds. Ctrl-C lands here, in the collection, as without
+        overlap; the learner thread is joined before anything leaves."""
+        assert self.behaviour_state is not None
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                learn()
+            except BaseException as exc:  # re-raised in the training thread
+                failure.append(exc)
+
+        learner = threading.Thread(target=run, name="reled-learner", daemon=True)
+        learner.start()
+        try:
+            started = time.perf_counter()
+            jobs = self._jobs(first_episode)
+            self._next_batch = (jobs, pool.collect(self.behaviour_state, jobs))
+            return time.perf_counter() - started
+        finally:
+            learner.join()
+            if failure:
+                raise failure[0]
 
     def _sed_pass(self) -> dict[str, Any]:
         """A SED pass between updates (the rollout workers are idle, so SUMO and llama.cpp do not share cores)."""
@@ -286,6 +361,8 @@ class TrainingRun:
                    "learner": self.learner.state_dict(), "progress": asdict(progress)}
         if self.objective is not None:
             payload["hpo"] = self.objective.state_dict()
+        if self.config.overlap and self.behaviour_state is not None:
+            payload["behaviour_actor"] = self.behaviour_state  # what plays the next batch (exact --resume)
         save_checkpoint(self.folder / LATEST, payload)
         if self.objective is not None:  # the checkpoint names the demonstrations in force: drop older ones
             remove_other_versions(self.folder, progress.demos_version)

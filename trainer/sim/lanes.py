@@ -73,6 +73,10 @@ class LaneReader:
         # Each SUMO lane is queried once per read, even when several detectors cover it.
         self._distinct = list(dict.fromkeys(self.segment_lanes))
         index = {lane: j for j, lane in enumerate(self._distinct)}
+        # per distinct lane, the segments on it: (segment index, start); only occupied lanes are looked at
+        self._segments_on = [[] for _ in self._distinct]
+        for i, seg in enumerate(segments):
+            self._segments_on[index[seg.lane]].append((i, float(seg.start)))
         self._plan = [(index[s.lane], float(s.start)) for s in segments]
         self._first_segment = np.flatnonzero(np.r_[True, self.owner[1:] != self.owner[:-1]])
         n, m = len(lanes), len(segments)
@@ -96,28 +100,30 @@ class LaneReader:
     def read(self) -> None:
         lane_api, veh_api = self.api.lane, self.api.vehicle
         get_ids, get_halting = lane_api.getLastStepVehicleIDs, lane_api.getLastStepHaltingNumber
-        get_pos, get_speed = veh_api.getLanePosition, veh_api.getSpeed
+        get_pos, get_speed, get_wait = veh_api.getLanePosition, veh_api.getSpeed, veh_api.getWaitingTime
         vehicles = [get_ids(lane) for lane in self._distinct]
-        halting: dict[int, int] = {}
         queue, moving, wait = self._seg_queue, self._seg_moving, self._seg_wait
-        for i, (j, start) in enumerate(self._plan):
-            ids = vehicles[j]
-            if not ids:
-                queue[i] = moving[i] = wait[i] = 0.0
+        queue.fill(0.0)
+        moving.fill(0.0)
+        wait.fill(0.0)
+        for j, ids in enumerate(vehicles):
+            if not ids:  # most lanes near a stop line are empty at any moment: nothing to ask SUMO
                 continue
-            if start == 0.0 or get_pos(ids[0]) >= start:  # the whole queue is inside the range
-                if j not in halting:
-                    halting[j] = get_halting(self._distinct[j])
-                halted, seen = halting[j], len(ids)
-            else:  # front to back (SUMO lists the front vehicle last) until out of range
-                halted = seen = 0
-                for vid in reversed(ids):
-                    if get_pos(vid) < start:
-                        break
-                    seen += 1
-                    halted += get_speed(vid) < HALTING_SPEED
-            queue[i], moving[i] = halted, seen - halted
-            wait[i] = veh_api.getWaitingTime(ids[-1])
+            front_wait = get_wait(ids[-1])
+            halting = -1
+            for i, start in self._segments_on[j]:
+                if start == 0.0 or get_pos(ids[0]) >= start:  # the whole queue is inside the range
+                    if halting < 0:
+                        halting = get_halting(self._distinct[j])
+                    halted, seen = halting, len(ids)
+                else:  # front to back (SUMO lists the front vehicle last) until out of range
+                    halted = seen = 0
+                    for vid in reversed(ids):
+                        if get_pos(vid) < start:
+                            break
+                        seen += 1
+                        halted += get_speed(vid) < HALTING_SPEED
+                queue[i], moving[i], wait[i] = halted, seen - halted, front_wait
         n = len(self.lanes)
         self.queue[:] = np.bincount(self.owner, queue, minlength=n)
         self.approaching[:] = np.bincount(self.owner, moving, minlength=n)
