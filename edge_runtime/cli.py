@@ -418,6 +418,9 @@ def fleet_up(
                                                                    "controller's budget; daemons sharing this "
                                                                    "machine's cores with SUMO may need more.")]
     = 5.0,
+    recordings: Annotated[Path | None, typer.Option(help="With --replay: each controller replays its light's "
+                                                         "recording from this folder (`reled record --out DIR`) "
+                                                         "\\[default: synthetic detector data]")] = None,
 ) -> None:
     """Start a fleet on this machine and return, leaving it running: keys, Mosquitto, one controller daemon per
     light of the model (devices dev0, dev1, ... in group `local`, timed as the model was trained), the rollout
@@ -430,7 +433,7 @@ def fleet_up(
     if foreground:
         interrupt_on_sigterm()  # from here on SIGTERM stops the fleet, as Ctrl-C does
     record, states = up(UpRequest(model, dir, scenario, devices, hil, collect, netns, netem, deploy,
-                                  latency_budget_ms),
+                                  latency_budget_ms, recordings.resolve() if recordings else None),
                         progress=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
     try:
         spaces = netns or netem is not None

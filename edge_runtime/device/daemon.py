@@ -134,7 +134,7 @@ class DeviceDaemon:
         self.faults = Faults(self.deployment.event)
         # the street's detectors and heads, or a simulation's over MQTT (hardware-in-the-loop)
         self.hil = HilBridge(self.link, self.id, len(self.greens)) if config.hil else None
-        self.sensor = self.hil or make_sensor(config.sensor.adapter, config.sensor.file, len(self.greens))
+        self.sensor = self.hil or make_sensor(config.sensor.adapter, config.sensor.file, self.greens)
         self.actuator = self.hil or make_actuator(config.actuator.adapter, config.actuator.file)
         self.clock: Clock | PlantClock = self.hil.clock if self.hil else Clock(config.runtime.speed)
         self.systemd = Notifier()
