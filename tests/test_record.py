@@ -66,10 +66,14 @@ def test_a_daemon_replays_a_recording_reading_by_reading(recorded, local_fleet, 
     outbox = local_fleet.root / "state" / "dev0" / "outbox.sqlite"
 
     def recorded_rows() -> list[bytes]:
+        """The outbox's rows so far (none while the daemon has not created it and its tables yet)."""
         if not outbox.exists():
             return []
-        with sqlite3.connect(outbox) as db:
-            return [row[0] for row in db.execute("SELECT obs FROM rows ORDER BY id")]
+        try:
+            with sqlite3.connect(f"file:{outbox}?mode=ro", uri=True) as db:
+                return [row[0] for row in db.execute("SELECT obs FROM rows ORDER BY id")]
+        except sqlite3.OperationalError:  # created, its schema not yet written
+            return []
 
     wait_until(lambda: len(recorded_rows()) >= rows or daemon.poll() is not None, 60, f"{rows} decisions recorded")
     assert daemon.poll() is None, (local_fleet.root / "dev0.daemon.log").read_text()
