@@ -383,6 +383,63 @@ def daemon(
     os.execv(sys.executable, [sys.executable, "-m", "edge_runtime.device", "--config", str(config), *verbose])
 
 
+@app.command()
+@user_errors
+def install(
+    config: Annotated[Path, typer.Option(help="The device file to install (firmware_configs/devices/ID.toml, or one "
+                                              "`fleet up` wrote).")],
+    keys: Annotated[Path | None, typer.Option(help="A copy of the server's key folder: signing.pub, "
+                                                   "credentials/ID.secret and tls/ca.crt come from there \\[default: "
+                                                   "the files the device file names]")] = None,
+    recording: Annotated[Path | None, typer.Option(help="The replay sensor's recording (`reled record`) \\[default: "
+                                                        "the device file's \\[sensor] file]")] = None,
+    root: Annotated[Path, typer.Option(help="Install below this folder instead of / (tests, images): the device "
+                                            "file and unit name the paths below it.")] = Path("/"),
+    user: Annotated[str, typer.Option(help="The system user the daemon runs as.")] = "reled",
+    create_user: Annotated[bool, typer.Option("--create-user/--no-user", help="Create the user if it is missing "
+                                                                              "(--no-user: it must exist).")]
+    = True,
+    venv: Annotated[Path | None, typer.Option(help="The virtualenv the unit runs reled-edge from: an existing one is "
+                                                   "checked (and upgraded with --package), a missing one created "
+                                                   "\\[default: ROOT/opt/reled/.venv]")] = None,
+    package: Annotated[str | None, typer.Option(help="What pip installs into the venv, with its \\[edge] extra: a "
+                                                     "reled wheel or source folder, or a requirement \\[default: "
+                                                     "none: the venv must exist]")] = None,
+    python: Annotated[Path, typer.Option(help="The interpreter a missing venv is created with (the service user "
+                                              "must be able to run it).")] = Path(sys.executable),
+    find_links: Annotated[Path | None, typer.Option(help="Install offline from this folder of wheels "
+                                                         "\\[default: none: the package index]")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Only check the installed controller, as the service user: "
+                                                        "one line per problem, exit code 2 if any.")] = False,
+) -> None:
+    """Install one controller on this machine (as root): the service user, the venv, the state and log folders,
+    the public key, password, CA and recording with their modes, the device file with the installed paths, and
+    the systemd unit. Safe to run again: only what is missing or wrong changes. Ends with the --check."""
+    from edge_runtime.device.install import InstallRequest, apply, plan
+    from edge_runtime.device.install import check as check_install
+
+    request = InstallRequest(config, keys, recording, root, user, create_user, venv, package, python, find_links)
+    if not check:
+        planned = plan(request)
+        console.print(f"{'plan' if dry_run else 'installing'} controller {escape(planned.device)} "
+                      f"(user {escape(user)}, root {escape(str(request.layout.root))})", highlight=False)
+        if dry_run:
+            for step in planned.steps:
+                console.print(f"  {escape(step.describe())}", highlight=False, soft_wrap=True)
+            return
+        apply(planned.steps, lambda what, outcome: console.print(f"  {escape(what)}: [bold]{escape(outcome)}[/]",
+                                                              highlight=False, soft_wrap=True))
+    device, problems = check_install(request)
+    for problem in problems:
+        err_console.print(escape(problem), highlight=False, soft_wrap=True)
+    if problems:
+        raise RELEDError(f"{len(problems)} problem(s) keep the controller from running as {user} (listed above)")
+    console.print(f"checked as {escape(user)}: the daemon can read and write everything it needs; start it with "
+                  f"`systemctl enable --now reled-edge@{escape(device)}`",
+                  highlight=False, soft_wrap=True)
+
+
 @fleet_app.command("up")
 @user_errors
 def fleet_up(
@@ -418,6 +475,9 @@ def fleet_up(
                                                                    "controller's budget; daemons sharing this "
                                                                    "machine's cores with SUMO may need more.")]
     = 5.0,
+    recordings: Annotated[Path | None, typer.Option(help="With --replay: each controller replays its light's "
+                                                         "recording from this folder (`reled record --out DIR`) "
+                                                         "\\[default: synthetic detector data]")] = None,
 ) -> None:
     """Start a fleet on this machine and return, leaving it running: keys, Mosquitto, one controller daemon per
     light of the model (devices dev0, dev1, ... in group `local`, timed as the model was trained), the rollout
@@ -430,7 +490,7 @@ def fleet_up(
     if foreground:
         interrupt_on_sigterm()  # from here on SIGTERM stops the fleet, as Ctrl-C does
     record, states = up(UpRequest(model, dir, scenario, devices, hil, collect, netns, netem, deploy,
-                                  latency_budget_ms),
+                                  latency_budget_ms, recordings.resolve() if recordings else None),
                         progress=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
     try:
         spaces = netns or netem is not None

@@ -57,6 +57,10 @@ def test_scenarios_list_and_show(reled):
     (["eval", "--scenario", "grid2x2", "--controller", "psychic"], ["unknown controller 'psychic'"]),
     (["eval", "--scenario", "grid2x2", "--backend", "carrier-pigeon"], ["unknown SUMO backend"]),
     (["scenario", "show", "nowhere"], ["unknown scenario"]),
+    (["record", "--scenario", "grid2x2", "--out", "never-written", "--controller", "psychic"],
+     ["unknown controller 'psychic'"]),
+    (["record", "--scenario", "grid2x2", "--out", "never-written", "--light", "Z9", "--seconds", "10"],
+     ["grid2x2 has no light 'Z9'", "A0, A1, B0, B1"]),
     (["scenario", "import", "--osm", "/does/not/exist.osm", "--name", "x"], ["exist"]),
 ])
 def test_bad_input_gets_one_line(assert_one_line_error, reled, args, needles):
@@ -169,6 +173,8 @@ def test_eval_keeps_env_settings_from_the_config_file(assert_one_line_error, rel
                              "--lookahead-workers": str(DEFAULT_LOOKAHEAD_WORKERS)}),
     (["export"], {"--holdout-decisions": str(ExportRequest(Path("x")).holdout_decisions),
                   "--min-int8-agreement": f"{ExportRequest(Path('x')).min_int8_agreement:g}"}),
+    (["record"], {"--controller": "max-pressure", "--demand": EnvConfig().demand, "--seed": "0",
+                  "--seconds": "the scenario's begin..end", "--light": "every light"}),
     (["scenario", "import"], {"--vehicles-per-hour": "1800", "--congested-scale": f"{CONGESTED_SCALE:g}",
                               "--vclass": "passenger", "--max-speed": "no cap",
                               "--lefthand": "--osm: righthand; --net: the net's own"}),

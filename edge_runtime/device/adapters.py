@@ -1,8 +1,8 @@
 """Where a controller reads its detectors and drives its signal heads.
 
 The daemon talks to a :class:`Sensor` and an :class:`Actuator` only. Here: a replay sensor that plays
-recorded per-phase detector readings (any ``.npz`` with a ``per_phase`` array [T, n_phases, 3] of
-queued, approaching, longest wait; ``edge_runtime.fleet.local.synthetic_replay`` writes one) and an
+recorded per-phase detector readings (:mod:`edge_runtime.recordings`: `reled record` writes one per light
+from a SUMO run, ``edge_runtime.fleet.local.synthetic_replay`` synthetic ones) and an
 actuator that logs every signal state it is told to show. The hardware-in-the-loop adapter ("hil", sensor
 and actuator at once) is :mod:`edge_runtime.device.hil`; cabinet I/O (NTCIP, GPIO) plugs in here.
 """
@@ -16,6 +16,7 @@ import numpy as np
 
 from edge_runtime.errors import RELEDError
 from edge_runtime.features import PER_PHASE_FEATURES
+from edge_runtime.recordings import read_recording
 from edge_runtime.shield import SignalState
 
 
@@ -34,19 +35,18 @@ class Actuator(Protocol):
 class ReplaySensor:
     """Plays a recording in a loop (a controller on the bench, the CI, the benchmarks)."""
 
-    def __init__(self, path: Path | None, n_phases: int):
+    def __init__(self, path: Path | None, n_phases: int, greens: tuple[str, ...] = ()):
         if path is None:
             raise RELEDError("[sensor] adapter 'replay' needs file = \"recording.npz\"")
-        try:
-            with np.load(path) as data:
-                per_phase = np.asarray(data["per_phase"], dtype=np.float32)
-        except FileNotFoundError as exc:
-            raise RELEDError(f"replay file {path} does not exist") from exc
-        except (KeyError, ValueError, OSError) as exc:
-            raise RELEDError(f"{path} is not a replay recording (an .npz with per_phase [T, phases, 3])") from exc
+        recording = read_recording(path)
+        per_phase = recording.per_phase
         if per_phase.ndim != 3 or per_phase.shape[1:] != (n_phases, len(PER_PHASE_FEATURES)) or not len(per_phase):
             raise RELEDError(f"{path}: per_phase has shape {per_phase.shape}; this intersection needs "
                              f"[T, {n_phases}, {len(PER_PHASE_FEATURES)}]")
+        if greens and recording.green_phases and recording.green_phases != tuple(greens):
+            raise RELEDError(f"{path} was recorded at a light whose green phases are {list(recording.green_phases)}, "
+                             f"not this device's {list(greens)}: record this device's light (`reled record --light "
+                             "ID`)")
         self.per_phase = per_phase
         self.position = 0
 
@@ -71,9 +71,9 @@ class LogActuator:
             self.file.close()
 
 
-def make_sensor(adapter: str, path: Path | None, n_phases: int) -> Sensor:
+def make_sensor(adapter: str, path: Path | None, greens: tuple[str, ...]) -> Sensor:
     if adapter == "replay":
-        return ReplaySensor(path, n_phases)
+        return ReplaySensor(path, len(greens), greens)
     raise RELEDError(f"unknown [sensor] adapter {adapter!r}: this build has 'replay' and 'hil'")
 
 

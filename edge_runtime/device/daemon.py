@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import queue
-import socket
 import sqlite3
 import threading
 import time
@@ -29,6 +28,7 @@ from edge_runtime.device.adapters import make_actuator, make_sensor
 from edge_runtime.device.deployment import Deployment
 from edge_runtime.device.device_config import DeviceConfig
 from edge_runtime.device.hil import HilBridge, PlantClock
+from edge_runtime.device.notify import Notifier
 from edge_runtime.device.outbox import Outbox
 from edge_runtime.features import PER_PHASE_FEATURES, action_mask, build_observation
 from edge_runtime.mqtt import BrokerAddress, Link, Message
@@ -86,17 +86,6 @@ class Faults:
                 self.publish("recovered", f"{kind} works again after {self.counts[kind]} faults")
 
 
-def sd_notify(message: str) -> None:
-    """systemd notification (READY=1, WATCHDOG=1) when run under a unit with NotifyAccess."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(message.encode(), address)
-
-
 class Clock:
     """Signal time in seconds: wall time × ``speed`` (1 on the street; larger to replay faster)."""
 
@@ -145,9 +134,10 @@ class DeviceDaemon:
         self.faults = Faults(self.deployment.event)
         # the street's detectors and heads, or a simulation's over MQTT (hardware-in-the-loop)
         self.hil = HilBridge(self.link, self.id, len(self.greens)) if config.hil else None
-        self.sensor = self.hil or make_sensor(config.sensor.adapter, config.sensor.file, len(self.greens))
+        self.sensor = self.hil or make_sensor(config.sensor.adapter, config.sensor.file, self.greens)
         self.actuator = self.hil or make_actuator(config.actuator.adapter, config.actuator.file)
         self.clock: Clock | PlantClock = self.hil.clock if self.hil else Clock(config.runtime.speed)
+        self.systemd = Notifier()
 
     def guarded(self, kind: str, step: Callable[..., T], *args: Any) -> T | None:
         """Run one step that must not stop the signal; a failure is a counted fault."""
@@ -176,9 +166,8 @@ class DeviceDaemon:
         self.guarded("state", self.deployment.recover)
         self.open_outbox()
         self.link.connect()
-        sd_notify("READY=1")
+        self.systemd.ready(self.status_line())
         next_decision = self.clock.now()
-        last_watchdog = 0.0
         try:
             while not self.stop_event.is_set():
                 self.drain(self.clock.wall_until(next_decision))
@@ -198,16 +187,23 @@ class DeviceDaemon:
                 self.rollouts_step()
                 if time.monotonic() - self.last_report >= REPORT_EVERY:
                     self.guarded("report", self.report)
-                if time.monotonic() - last_watchdog >= 1.0:
-                    sd_notify("WATCHDOG=1")
-                    last_watchdog = time.monotonic()
+                self.systemd.status(self.status_line())
+                self.systemd.watchdog()  # from the loop only: a loop that hangs stops the pings
         finally:
             self.shutdown()
 
     def stop(self) -> None:
         self.stop_event.set()
 
+    def status_line(self) -> str:
+        """What `systemctl status` shows: who drives the signal, the active model and the deploy state."""
+        active = self.deployment.state.active
+        model = f"policy v{active.policy_version} ({active.sha256[:12]})" if active else "no model"
+        mode = "policy" if self.last_source == SOURCE_POLICY else "fixed-time plan"
+        return f"{mode} driving {self.config.device.intersection}; {model}; deploy {self.deployment.state.state}"
+
     def shutdown(self) -> None:
+        self.systemd.stopping()
         with contextlib.suppress(Exception):
             self.link.publish(device_topic(self.id, "status"), encode({"online": False, "device": self.id}),
                               retain=True).wait_for_publish(1.0)
@@ -217,6 +213,7 @@ class DeviceDaemon:
                 self.outbox.close()
         with contextlib.suppress(OSError):
             self.actuator.close()
+        self.systemd.close()
 
     def limit_reached(self) -> bool:
         limit = self.config.runtime.max_decisions

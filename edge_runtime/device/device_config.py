@@ -205,14 +205,18 @@ def _creatable(folder: Path) -> bool:
     return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
 
 
-def file_problems(config: DeviceConfig) -> list[str]:
-    """Every file the device file names that the daemon would fail on (``daemon --check``): missing inputs, and
-    state and log folders that can be neither written nor created."""
+def named_inputs(config: DeviceConfig) -> dict[str, Path]:
+    """The files the daemon reads, by the key that names them (the device file and profile aside)."""
     inputs = {"[broker] password_file": config.broker.password_file,
               "[security] public_key": config.security.public_key,
               "[broker] ca_file": config.broker.ca_file, "[sensor] file": config.sensor.file}
-    problems = [f"{name} {path} does not exist" for name, path in inputs.items()
-                if path is not None and not path.is_file()]
+    return {name: path for name, path in inputs.items() if path is not None}
+
+
+def file_problems(config: DeviceConfig) -> list[str]:
+    """Every file the device file names that the daemon would fail on (``daemon --check``): missing inputs, and
+    state and log folders that can be neither written nor created."""
+    problems = [f"{name} {path} does not exist" for name, path in named_inputs(config).items() if not path.is_file()]
     if config.sensor.adapter == "replay" and config.sensor.file is None:
         problems.append("[sensor] adapter 'replay' needs file = \"recording.npz\"")
     outputs = {"[device] state_dir": config.device.state_dir,

@@ -30,11 +30,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge_runtime.errors import RELEDError
-from edge_runtime.fileio import atomic_write_text, sha256_file
+from edge_runtime.fileio import atomic_write_bytes, atomic_write_text, sha256_file
 from edge_runtime.fleet import broker, netns
 from edge_runtime.fleet.broker import BrokerInfo, command_line
 from edge_runtime.fleet.server import ServerLink, server_address
 from edge_runtime.keys import KeyFolder
+from edge_runtime.recordings import recording_name
 
 if TYPE_CHECKING:
     from edge_runtime.mqtt import Message
@@ -126,14 +127,19 @@ class LocalFleet:
 
     def write_device(self, device: str, /, intersection: str, greens: list[str], replay_seed: int = 0,
                      groups: tuple[str, ...] = ("local",), hil: bool = False, site: str | None = None,
-                     **sections: dict[str, Any]) -> Path:
-        """``device``'s file: a synthetic replay sensor and a log actuator, or with ``hil`` the simulation's
-        (`reled hil run` drives time, reads the heads and sends detector readings); ``site``: the device connects
-        to that site broker instead of the central one; ``sections`` override."""
+                     recording: Path | None = None, **sections: dict[str, Any]) -> Path:
+        """``device``'s file: a replay sensor (of ``recording``, from `reled record`, else synthetic) and a log
+        actuator, or with ``hil`` the simulation's (`reled hil run` drives time, reads the heads and sends detector
+        readings); ``site``: the device connects to that site broker instead of the central one; ``sections``
+        override."""
         if hil:
             io: dict[str, dict[str, Any]] = {"sensor": {"adapter": "hil"}, "actuator": {"adapter": "hil"}}
         else:
-            replay = synthetic_replay(self.root / f"{device}.replay.npz", len(greens), seed=replay_seed)
+            replay = self.root / f"{device}.replay.npz"
+            if recording is not None:
+                atomic_write_bytes(replay, recording.read_bytes())
+            else:
+                synthetic_replay(replay, len(greens), seed=replay_seed)
             io = {"sensor": {"adapter": "replay", "file": str(replay)},
                   "actuator": {"adapter": "log", "file": str(self.root / f"{device}.signal.log")}}
         body: dict[str, dict[str, Any]] = {
@@ -298,6 +304,7 @@ class UpRequest:
     netem: str | None = None  # a netem spec for each of those links (implies netns)
     deploy: bool = True
     latency_budget_ms: float = 5.0  # a decision slower than this is a policy failure (the device file's default)
+    recordings: Path | None = None  # --replay: `reled record`'s folder (LIGHT.npz each); None: synthetic readings
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:
@@ -396,9 +403,11 @@ def down(folder: Path) -> str:
 
 
 def write_fleet_devices(fleet: LocalFleet, meta: PolicyMetadata, lights: list[str], hil: bool,
-                        hosts: dict[str, str] | None = None, latency_budget_ms: float = 5.0) -> dict[str, str]:
+                        hosts: dict[str, str] | None = None, latency_budget_ms: float = 5.0,
+                        recordings: Path | None = None) -> dict[str, str]:
     """One device file per light, ``devK`` for the K-th, timed as the policy was trained (``meta.timing``);
-    ``hosts``: the broker address each device reaches (its namespace's link). Returns device -> light."""
+    ``hosts``: the broker address each device reaches (its namespace's link); ``recordings``: the folder of
+    `reled record` whose LIGHT.npz each replays. Returns device -> light."""
     t = meta.timing
     devices = {}
     for k, light in enumerate(lights):
@@ -412,8 +421,9 @@ def write_fleet_devices(fleet: LocalFleet, meta: PolicyMetadata, lights: list[st
             "inference": {"latency_budget_ms": latency_budget_ms}}
         if hosts:
             sections["broker"] = {"host": hosts[device]}
+        recording = recordings / recording_name(light) if recordings is not None else None
         fleet.write_device(device, light, meta.phase_tables[light], replay_seed=k, groups=(GROUP,), hil=hil,
-                           **sections)
+                           recording=recording, **sections)
         devices[device] = light
     return devices
 
@@ -470,7 +480,7 @@ class _Starter:
     def broker(self) -> None:
         hosts = {d: s.host_address for d, s in self.spaces.items()}
         write_fleet_devices(self.fleet, self.meta, list(self.devices.values()), self.request.hil, hosts,
-                            self.request.latency_budget_ms)
+                            self.request.latency_budget_ms, self.request.recordings)
         _edge(self.fleet, "keys", "init", "--keys", str(self.fleet.keys), "--devices", str(self.fleet.devices))
         _edge(self.fleet, "broker", "start", "--keys", str(self.fleet.keys), "--dir", str(self.fleet.broker_dir),
               "--port", str(self.fleet.port), "--server-port", str(self.fleet.server_port),
@@ -600,6 +610,8 @@ def up(request: UpRequest, progress: Any = log.info) -> tuple[dict[str, Any], di
         raise RELEDError(f"--devices {request.devices}: {model.name} drives {len(lights)} lights "
                          f"({', '.join(lights)}), one controller each")
     lights = lights[:request.devices or len(lights)]
+    if request.recordings is not None:
+        check_recordings(request, meta, lights)
     if request.netem is not None:
         request = replace(request, netns=True)
     if request.netns:
@@ -637,6 +649,24 @@ def up(request: UpRequest, progress: Any = log.info) -> tuple[dict[str, Any], di
     finally:
         starter.close()
         signal.signal(signal.SIGTERM, previous_handler)
+
+
+def check_recordings(request: UpRequest, meta: PolicyMetadata, lights: list[str]) -> None:
+    """Every light's recording is in --recordings and fits its program, before anything starts."""
+    from edge_runtime.device.adapters import ReplaySensor
+
+    folder = request.recordings
+    assert folder is not None
+    if request.hil:
+        raise RELEDError("--recordings feeds the replay sensor: give --replay (with --hil the simulation is the "
+                         "sensor)")
+    missing = [light for light in lights if not (folder / recording_name(light)).is_file()]
+    if missing:
+        raise RELEDError(f"no recording of light(s) {', '.join(missing)} in {folder}: run `reled record --scenario "
+                         f"{meta.scenario} --out {folder}`")
+    for light in lights:
+        greens = tuple(meta.phase_tables[light])
+        ReplaySensor(folder / recording_name(light), len(greens), greens)
 
 
 def _interrupt(*_: Any) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.logging import RichHandler
 
-from trainer.cli import demos, evaluate, export, hil, scenarios, train, update
+from trainer.cli import demos, evaluate, export, hil, record, scenarios, train, update
 from trainer.cli.common import err_console, user_errors
 from trainer.cli.options import SettingsCommand, with_option_groups
 
@@ -41,6 +41,7 @@ command(app, "train", train.train_command)
 command(app, "compare", train.compare_command)
 command(app, "export", export.export_command)
 command(app, "update", update.update_command)
+command(app, "record", record.record_command)
 
 scenario_group = group(app, "scenario", "Inspect and import scenarios.")
 # `reled scenarios` is the spelling the docs and error messages use; `reled scenario list` stays, hidden.
