@@ -169,7 +169,8 @@ class TrainingRun:
     def _updating(self, on_update: UpdateHook | None, workers: RolloutWorkers | None,
                   ) -> Iterator[Callable[[BatchExtension | None], dict[str, Any]]]:
         """Workers and TensorBoard open for a series of updates; yields the function doing one update."""
-        torch.set_num_threads(self.config.threads)
+        # with overlap the learner shares the cores with the workers: more torch threads would spin on them
+        torch.set_num_threads(1 if self.config.overlap else self.config.threads)
         spec = ActorSpec(self.config.ppo.hidden, self.config.ppo.layers, self.config.ppo.normalize_obs)
         pool = workers or ProcessWorkers(self.config.workers, self.config.env, spec)
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
