@@ -148,6 +148,14 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def remove_half_built(path: Path) -> None:
+    """Remove what a killed or failed build left at ``path``: only an empty folder or one debootstrap made (its
+    ``debootstrap/`` work folder or a root's ``usr/``), never a folder --root names by mistake."""
+    if path.exists() and any(path.iterdir()) and not ((path / "debootstrap").is_dir() or (path / "usr").is_dir()):
+        raise RELEDError(f"{path} exists and is not a root this tool built: choose another --root or remove it")
+    remove_tree(path)
+
+
 def pi4_cpuinfo() -> str:
     """A Raspberry Pi 4's /proc/cpuinfo with this machine's CPU count. qemu-user 7.2 (Debian 12) shows the aarch64
     program the host's x86 /proc/cpuinfo, which ONNX Runtime 1.32's cpuinfo library crashes on (SIGSEGV at import;
@@ -176,6 +184,9 @@ def mounted(root: Path, binds: dict[Path, Path]) -> Iterator[None]:
         yield
     finally:
         unmount_all(root)
+        for inside in binds.values():  # the mount points left in the root (its /tmp would fill with them)
+            with contextlib.suppress(OSError):
+                (root / str(inside).lstrip("/")).rmdir()
 
 
 # --- root, wheels, install ----------------------------------------------------------------------------------------
@@ -185,8 +196,8 @@ def build_root(root: Path) -> dict[str, Any]:
     if marker.exists():
         return {**json.loads(marker.read_text()), "built_now": False}
     tmp = root.with_name(root.name + ".tmp")
-    remove_tree(tmp)
-    remove_tree(root)
+    remove_half_built(tmp)
+    remove_half_built(root)
     mirror = debian_mirror()
     start = time.monotonic()
     run(["debootstrap", "--arch=arm64", "--variant=minbase", "--include=python3,python3-venv", "bookworm",

@@ -24,6 +24,10 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from edge_runtime.errors import RELEDError  # noqa: E402  (the checkout's)
+
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "reled"
 # The tests that use the controller's code only (edge_runtime and its dependencies, no trainer).
 QUICK_TESTS = ["tests/test_shield.py", "tests/test_settings.py", "tests/test_edge_units.py",
@@ -56,9 +60,12 @@ def venv_for(python: str) -> Path:
         return venv
     for old in CACHE.glob("py310-*"):  # a half-made one (an install that failed or was killed), older ones
         shutil.rmtree(old, ignore_errors=True)
-    subprocess.run([python, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "-q", f"{REPO}[edge,dev]", *TEST_EXTRAS],
-                   check=True)
+    for command in ([python, "-m", "venv", str(venv)],
+                    [str(venv / "bin/python"), "-m", "pip", "install", "-q", f"{REPO}[edge,dev]", *TEST_EXTRAS]):
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0:
+            said = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()] or ["no output"]
+            raise RELEDError(f"{' '.join(command[:4])} ... failed: {said[-1].strip()}")
     done.touch()
     return venv
 
@@ -87,7 +94,11 @@ def main() -> int:
     if python is None:
         print("skipped: no Python 3.10 found (give --python or RELED_PY310, or put python3.10 on the PATH)")
         return 0
-    venv = venv_for(python)
+    try:
+        venv = venv_for(python)
+    except RELEDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     tests = QUICK_TESTS if args.quick else QUICK_TESTS + FLEET_TESTS
     with tempfile.TemporaryDirectory(prefix="reled-py310-") as tmp:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
