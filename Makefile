@@ -10,7 +10,7 @@ SUDO    := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 # machine's VM (AMX kernels), so build for plain AVX2, which every x86-64 server of the last decade has.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: install demo test test-fast lint bench experiments clean
+.PHONY: install demo test test-fast test-py310 test-arm64 lint bench experiments clean
 
 $(STAMP): pyproject.toml
 	@command -v mosquitto >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq mosquitto; }
@@ -45,6 +45,16 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"
+
+# The controller's tests on Python 3.10, a Jetson's (tools/platforms/py310.py: a cached venv with '.[edge]'); one
+# line and exit 0 where no 3.10 is found.
+test-py310: install
+	$(PY) tools/platforms/py310.py
+
+# The controller on arm64, emulated (tools/arm64/run.py: a cached Debian bookworm arm64 root under qemu-user-static,
+# `pip install '.[edge]'`, self-test, 500 decisions, deploy and rollback over loopback); as root, minutes.
+test-arm64: install
+	PY=$(PY) tools/arm64/run.sh --json $(OUT)/arm64.json
 
 lint: install
 	$(BIN)/ruff check .

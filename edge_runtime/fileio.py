@@ -6,13 +6,18 @@ import contextlib
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import RELEDError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # a Jetson's Ubuntu 22.04 has Python 3.10: tomli is tomllib's original (a dependency there only)
+    import tomli as tomllib
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -61,8 +66,11 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
 
 def sha256_file(path: Path) -> str:
     """SHA-256 of a file, read in blocks (models do not need to fit in memory twice)."""
+    digest = hashlib.sha256()
     with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+        while block := fh.read(1 << 20):  # hashlib.file_digest is Python 3.11+; controllers run 3.10 too
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:

@@ -111,7 +111,7 @@ class KeyFolder:
         self.tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         ca_crt, ca_key_path, server_crt = (self.tls_dir / n for n in ("ca.crt", "ca.key", "server.crt"))
         pem = serialization.Encoding.PEM
-        now = datetime.datetime.now(datetime.UTC)
+        now = datetime.datetime.now(datetime.timezone.utc)
         if ca_crt.exists():
             ca = x509.load_pem_x509_certificate(ca_crt.read_bytes())
             ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)

@@ -241,7 +241,14 @@ def export_policy(out: Path, version: int, seed: int) -> Model:
 
 @pytest.fixture(scope="session")
 def fleet_models(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Model]:
-    """Policies v1, v2 and v3 of grid2x2 (different seeds, so different files), exported once per session."""
+    """Policies v1, v2 and v3 of grid2x2 (different seeds, so different files), exported once per session, or
+    taken from $RELED_TEST_MODELS (vN.onnx there: tools/platforms/py310.py exports them with the trainer's Python
+    and runs these tests on the controller's)."""
+    from edge_runtime.fleet.server import Model
+
+    given = os.environ.get("RELED_TEST_MODELS")
+    if given:
+        return {v: Model.load(Path(given) / f"v{v}.onnx") for v in (1, 2, 3)}
     root = tmp_path_factory.mktemp("fleet-models")
     return {v: export_policy(root / f"v{v}.onnx", v, seed=v) for v in (1, 2, 3)}
 
@@ -300,7 +307,8 @@ def write_queue_policy(path: Path, *, version: int, tables: dict[str, list[str]]
     nodes += [helper.make_node("Where", ["mask", "raw", "masked"], ["logits"]),
               helper.make_node("ArgMax", ["logits"], ["action"], axis=1, keepdims=0)]
     graph = helper.make_graph(nodes, "queue_policy", inputs, outputs, initializer=consts)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # IR 8, as `reled export` writes: ONNX Runtime 1.23 (the newest for Python 3.10) loads IR 11 at most
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     rows = test_queue.shape[0]
     test_obs = np.zeros((rows, feature_size()), dtype=np.float32)
     test_obs[:, QUEUE_AT:QUEUE_AT + MAX_PHASES] = test_queue

@@ -20,7 +20,9 @@ from edge_runtime.fileio import atomic_write_text
 from edge_runtime.protocol import Manifest
 
 
-class DeployState(enum.StrEnum):
+class DeployState(str, enum.Enum):
+    """A state's name is its value, in files, reports and f-strings alike (``enum.StrEnum`` is Python 3.11+)."""
+
     IDLE = "IDLE"
     DOWNLOADING = "DOWNLOADING"
     VERIFIED = "VERIFIED"
@@ -29,6 +31,9 @@ class DeployState(enum.StrEnum):
     COMMITTED = "COMMITTED"
     FAILED = "FAILED"
     ROLLED_BACK = "ROLLED_BACK"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 _S = DeployState
