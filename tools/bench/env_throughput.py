@@ -644,22 +644,27 @@ def plot_scaling(comparisons: list[dict[str, Any]], path: Path, clock: str) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for delta in sorted({c["delta_s"] for c in comparisons}):
-        mine = sorted((c for c in comparisons if c["delta_s"] == delta), key=lambda c: c["agents"])
-        lights = [c["agents"] for c in mine]
-        for key, label, style in (("ours_us_per_agent_decision", "ours", "o-"),
-                                  ("ours_python_us_per_agent_decision", "ours: Python", "o:"),
-                                  ("sumo_rl_us_per_agent_decision", "sumo-rl", "s-"),
-                                  ("sumo_rl_python_us_per_agent_decision", "sumo-rl: Python", "s:")):
-            ax.plot(lights, [c[key] for c in mine], style, label=f"{label} ({fmt_delta(delta)})")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("controlled lights in the net")
-    ax.set_ylabel(f"{clock} µs per agent-decision")
-    ax.set_title("Environment cost per agent-decision (one episode, median of repeats)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    panels = (("whole environment (SUMO included)", "ours_us_per_agent_decision", "sumo_rl_us_per_agent_decision"),
+              ("Python only (outside SUMO's calls)", "ours_python_us_per_agent_decision",
+               "sumo_rl_python_us_per_agent_decision"))
+    for ax, (title, ours_key, peer_key) in zip(axes, panels, strict=True):
+        for delta in sorted({c["delta_s"] for c in comparisons}):
+            mine = sorted((c for c in comparisons if c["delta_s"] == delta), key=lambda c: c["agents"])
+            lights = [c["agents"] for c in mine]
+            ax.scatter(lights, [c[ours_key] for c in mine], marker="o", label=f"ours ({fmt_delta(delta)})")
+            ax.scatter(lights, [c[peer_key] for c in mine], marker="s", label=f"sumo-rl ({fmt_delta(delta)})")
+            for c in mine:
+                ax.annotate(c["net"], (c["agents"], c[ours_key]), fontsize=7, xytext=(4, 2),
+                            textcoords="offset points")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("controlled lights in the net")
+        ax.set_ylabel(f"{clock} µs per agent-decision")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Environment cost per agent-decision, one episode per net (median of repeats)")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
