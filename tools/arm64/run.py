@@ -260,6 +260,15 @@ def export(out: Path, version: int) -> Path:
     return out
 
 
+def record(out: Path, light: str) -> Path:
+    """The light's detector readings from a cologne8 SUMO episode (`reled record`): what the daemon replays."""
+    from edge_runtime.recordings import recording_name
+
+    run([sys.executable, "-m", "trainer", "record", "--scenario", "cologne8", "--light", light, "--out", str(out)],
+        timeout=600)
+    return out / recording_name(light)
+
+
 def inside(root: Path, work: Path, policy: Path, rows: Path | None = None) -> dict[str, Any]:
     """tools/arm64/inside.py in the root: platform, self-test, decision time (and logits for ``rows``)."""
     script = work / "inside.py"
@@ -300,7 +309,8 @@ def fleet_run(root: Path, work: Path, models: dict[int, Model], decisions: int, 
     """The daemon in the root, deployed to and rolled back from this machine through a loopback broker."""
     fleet = LocalFleet(work / "fleet")
     light, greens = next(iter(models[1].phase_tables.items()))
-    fleet.write_device(DEVICE, light, greens, runtime={"decision_seconds": 1.0, "speed": speed},
+    fleet.write_device(DEVICE, light, greens, recording=record(work / "recordings", light),
+                       runtime={"decision_seconds": 1.0, "speed": speed},
                        probation={"decisions": 10},
                        # emulation runs a decision 10-50x slower than the hardware: the budget is not what is tested
                        inference={"latency_budget_ms": 500.0}, download={"chunk_timeout": 10.0})
