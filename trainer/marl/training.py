@@ -92,6 +92,8 @@ class TrainingRun:
         self.facts = RunFacts(scenario.name, self.agents, config.demand, config.env.reward, asdict(probe.timing),
                               probe.end_time - scenario.begin)
         probe.close()
+        # the networks' initialization (orthogonal: a QR decomposition) depends on the thread count in its last bits
+        torch.set_num_threads(_learner_threads(config))
         self.learner = PPOLearner(config, len(self.agents))
         if learner_state is not None:
             self.learner.load_state_dict(learner_state)
@@ -169,8 +171,7 @@ class TrainingRun:
     def _updating(self, on_update: UpdateHook | None, workers: RolloutWorkers | None,
                   ) -> Iterator[Callable[[BatchExtension | None], dict[str, Any]]]:
         """Workers and TensorBoard open for a series of updates; yields the function doing one update."""
-        # with overlap the learner shares the cores with the workers: more torch threads would spin on them
-        torch.set_num_threads(1 if self.config.overlap else self.config.threads)
+        torch.set_num_threads(_learner_threads(self.config))
         spec = ActorSpec(self.config.ppo.hidden, self.config.ppo.layers, self.config.ppo.normalize_obs)
         pool = workers or ProcessWorkers(self.config.workers, self.config.env, spec)
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
@@ -370,6 +371,11 @@ class TrainingRun:
         if improved:
             save_checkpoint(self.folder / BEST, payload)
         write_summary(self.folder, self.config, progress)
+
+
+def _learner_threads(config: TrainConfig) -> int:
+    """torch threads of the learner: with overlap it shares the cores with the workers, where more would spin."""
+    return 1 if config.overlap else config.threads
 
 
 def _mean(values: Any) -> float:
