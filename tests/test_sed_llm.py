@@ -27,8 +27,10 @@ QUESTION = [{"role": "system", "content": "You control traffic signals. Answer w
 
 @pytest.fixture(scope="module")
 def local_model() -> Iterator[LlamaCppBackend]:
+    # these tests check what the model answers, not how fast: a loaded machine (another llama.cpp beside it runs
+    # about 10x slower) must not fail them, so the deadline is generous
     backend = LlamaCppBackend(resolve_model("smollm2"), threads=2, context=2048, gpu_layers=0, prefix_reuse=True,
-                              timeout=60)
+                              timeout=600)
     yield backend
     backend.close()
 
@@ -65,13 +67,13 @@ def test_hot_strategy_answers_name_only_known_tools_and_bad_parameters_are_caugh
 
 def test_a_call_over_its_time_limit_is_late(local_model: LlamaCppBackend):
     fmt = AnswerFormat("plan", ("I1", "I2", "I3", "I4"), (4, 4, 4, 4), TIMING)
-    local_model.timeout = 0.05
+    limit, local_model.timeout = local_model.timeout, 0.05
     try:
         with pytest.raises(LLMCallError) as err:
             local_model.chat(QUESTION, fmt, temperature=0.0, seed=0, max_tokens=400)
         assert err.value.late
     finally:
-        local_model.timeout = 60
+        local_model.timeout = limit
 
 
 def _free_port() -> int:
