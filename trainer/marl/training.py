@@ -56,6 +56,7 @@ from trainer.marl.run_folder import (
 )
 from trainer.marl.storage import RolloutBatch
 from trainer.marl.workers import ActorSpec, EpisodeJob, ProcessWorkers, RolloutWorkers
+from trainer.ray_session import missing_ray, ray_installed
 from trainer.scenarios import get_scenario
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class TrainingRun:
     """A run folder being trained; build with ``create`` or ``resume``."""
 
     def __init__(self, folder: Path, config: TrainConfig, progress: RunProgress, learner_state: dict | None):
+        if config.backend_workers == "ray" and not ray_installed():  # refused before a run folder is written
+            raise missing_ray("--backend-workers ray")
         self.folder = folder
         self.config = config
         self.progress = progress
@@ -119,12 +122,14 @@ class TrainingRun:
         return run
 
     @classmethod
-    def resume(cls, folder: Path, steps: int | None = None, workers: int | None = None) -> TrainingRun:
-        """Continue from latest.pt; ``steps`` may extend the budget, ``workers`` change the parallelism
-        (results do not depend on it)."""
+    def resume(cls, folder: Path, steps: int | None = None, workers: int | None = None,
+               **backend: str | None) -> TrainingRun:
+        """Continue from latest.pt; ``steps`` may extend the budget, ``workers`` and ``backend``
+        (backend_workers, ray_address) change the parallelism (results depend on neither)."""
         config = read_config(folder)
         data = load_checkpoint(folder / LATEST)
-        config = replace(config, **{k: v for k, v in (("steps", steps), ("workers", workers)) if v is not None})
+        changes = {"steps": steps, "workers": workers, **backend}
+        config = replace(config, **{k: v for k, v in changes.items() if v is not None})
         progress = RunProgress(**data["progress"])
         if steps is not None and steps > progress.agent_steps:
             progress.finished = False
@@ -158,7 +163,7 @@ class TrainingRun:
         """Workers and TensorBoard open for a series of updates; yields the function doing one update."""
         torch.set_num_threads(self.config.threads)
         spec = ActorSpec(self.config.ppo.hidden, self.config.ppo.layers, self.config.ppo.normalize_obs)
-        pool = workers or ProcessWorkers(self.config.workers, self.config.env, spec)
+        pool = workers or _rollout_workers(self.config, spec)
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
 
         writer = SummaryWriter(str(self.folder / "tb"), purge_step=self.progress.agent_steps or None)
@@ -292,6 +297,15 @@ class TrainingRun:
         if improved:
             save_checkpoint(self.folder / BEST, payload)
         write_summary(self.folder, self.config, progress)
+
+
+def _rollout_workers(cfg: TrainConfig, spec: ActorSpec) -> RolloutWorkers:
+    """The configured backend: worker processes here, or Ray actors (Ray is imported only when asked for)."""
+    if cfg.backend_workers == "ray":
+        from trainer.marl.ray_workers import RayWorkers
+
+        return RayWorkers(cfg.workers, cfg.env, spec, cfg.ray_address)
+    return ProcessWorkers(cfg.workers, cfg.env, spec)
 
 
 def _mean(values: Any) -> float:
