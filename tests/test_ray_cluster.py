@@ -1,7 +1,8 @@
-"""A real two-node Ray cluster on this machine: training spread over both, a node lost mid-run."""
+"""A real two-node Ray cluster on this machine: training and a sweep spread over both, a node lost mid-run."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,3 +90,40 @@ def test_training_spreads_over_two_nodes_and_survives_losing_one(cluster, node2,
     ray_params, local_params = (load_checkpoint(f / "latest.pt")["learner"]["actor"] for f in (run.folder, local))
     assert all(torch.equal(ray_params[k], local_params[k]) for k in local_params)
 
+
+SWEEP = """[sweep]
+algos = ["ippo", "mappo"]
+scenarios = ["grid2x2"]
+seeds = [0]
+steps = 240
+workers = 1
+eval_every = 1
+eval_episodes = 1
+heuristics_episodes = 1
+
+[env]
+episode_seconds = 300
+"""
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_its_steps_as_tasks_on_both_nodes(cluster, node2, reled, tmp_path):
+    sweep = tmp_path / "tiny.toml"
+    sweep.write_text(SWEEP)
+    out = tmp_path / "out"
+    proc = reled("sweep", str(sweep), "--out", str(out), "--ray-address", cluster.address, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert sorted(e["step"] for e in log) == ["heuristics-grid2x2-moderate", "ippo-grid2x2-moderate-s0",
+                                              "mappo-grid2x2-moderate-s0"]
+    assert all(e["rc"] == 0 for e in log)
+    assert {e["node"] for e in log} == {cluster.nodes[0].node_id, node2.node_id}  # tasks on both nodes
+    for run in ("ippo-grid2x2-moderate-s0", "mappo-grid2x2-moderate-s0"):
+        assert json.loads((out / "runs" / run / "summary.json").read_text())["finished"], run
+    assert {row["setting"] for row in json.loads((out / "compare.json").read_text())} == {
+        "ippo grid2x2/moderate", "mappo grid2x2/moderate"}
+    # run again: everything is done, nothing runs and nothing is logged
+    again = reled("sweep", str(sweep), "--out", str(out), "--ray-address", cluster.address, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reled train" not in again.stdout and "reled eval" not in again.stdout
+    assert len((out / "log.jsonl").read_text().splitlines()) == len(log)

@@ -86,6 +86,12 @@ def test_without_ray_the_ray_options_are_one_clear_error(assert_one_line_error, 
                            capture_output=True, text=True, timeout=120)
     assert_one_line_error(train, "--backend-workers ray needs Ray", "pip install 'reled[ray]'")
     assert not runs.exists()  # refused before a run folder is written
+    sweep_file = tmp_path / "sweep.toml"
+    sweep_file.write_text("[sweep]\nsteps = 240\n")
+    sweep = subprocess.run([*WITHOUT_RAY, "sweep", str(sweep_file), "--out", str(tmp_path / "out"),
+                            "--ray-address", "local"], capture_output=True, text=True, timeout=120)
+    assert_one_line_error(sweep, "a sweep on Ray (--ray-address) needs Ray", "pip install 'reled[ray]'")
+    assert not (tmp_path / "out").exists()
     # the same interpreter trick leaves a command that does not need Ray working
     assert subprocess.run([*WITHOUT_RAY, "train", "--show-config"], capture_output=True, timeout=120).returncode == 0
 

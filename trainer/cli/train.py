@@ -157,6 +157,11 @@ def compare_command(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the table as JSON.")] = None,
 ) -> None:
     """Compare runs: one table (last-10 and best evaluation delay, mean ± std over seeds) and one plot."""
+    compare_runs(runs, plot, json_out)
+
+
+def compare_runs(runs: list[Path], plot: Path, json_out: Path | None) -> None:
+    """The table, the plot and the JSON of `reled compare` (`reled sweep` ends with them too)."""
     import json
 
     from edge_runtime.fileio import atomic_write_text
