@@ -55,14 +55,15 @@ def make_demos(folder: Path, scenario: str, episode_seconds: float | None) -> Pa
 
 
 def measure(workers: int, updates: int, scenario: str, episode_seconds: float | None, demos: Path | None = None,
-            ) -> dict:
-    """Timed figures of ``updates`` updates after one untimed warm-up update (RELED when ``demos`` is given)."""
+            **train: str) -> dict:
+    """Timed figures of ``updates`` updates after one untimed warm-up update (RELED when ``demos`` is given;
+    ``train``: more [train] settings, e.g. backend_workers="ray")."""
     with tempfile.TemporaryDirectory(prefix="reled-bench-") as tmp:
         rows: list[dict] = []
         algo = {"algo": "reled"} if demos else {}
         hpo = {"demos": str(demos), "sed_every": 0} if demos else None
         cfg = load_train_config(None, train={"scenario": scenario, "workers": workers, "steps": 10**9,
-                                             "eval_every": 10**6, "seed": 0, **algo}, hpo=hpo,
+                                             "eval_every": 10**6, "seed": 0, **algo, **train}, hpo=hpo,
                                 env={"episode_seconds": episode_seconds})
         run = TrainingRun.create(Path(tmp) / "run", cfg)
 
@@ -80,7 +81,8 @@ def measure(workers: int, updates: int, scenario: str, episode_seconds: float | 
     learn = sum(r["learn_seconds"] for r in timed)
     sim = sum(r["sim_seconds"] for r in timed)
     policy = sum(r["policy_seconds"] for r in timed)
-    return {"algo": "reled" if demos else "ippo", "workers": workers, "updates": len(timed), "agent_steps": steps,
+    return {"algo": "reled" if demos else "ippo", "workers": workers, **train, "updates": len(timed),
+            "agent_steps": steps,
             "wall_seconds": wall, "learn_seconds": learn, "collect_seconds": collect,
             "hpo_seconds": sum(r.get("hpo_seconds", 0.0) for r in timed),
             "agent_steps_per_second": steps / wall, "collect_share": collect / wall, "learn_share": learn / wall,
@@ -94,8 +96,11 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=4, help="timed PPO updates per worker count (default 4)")
     parser.add_argument("--episode-seconds", type=float, default=None, help="shorter episodes (default: full hour)")
     parser.add_argument("--json", type=Path, default=Path("docs/results/bench_train_throughput.json"))
+    parser.add_argument("--ray", action="store_true", help="also 2 Ray actors (a private Ray here) beside 2 workers")
     args = parser.parse_args()
     results = [measure(w, args.updates, args.scenario, args.episode_seconds) for w in (1, 2)]
+    if args.ray:  # the same run on 2 Ray actors: Ray's overhead against the 2 local workers measured just before
+        results.append(measure(2, args.updates, args.scenario, args.episode_seconds, backend_workers="ray"))
     with tempfile.TemporaryDirectory(prefix="reled-bench-demos-") as tmp:
         demos = make_demos(Path(tmp) / "demos", args.scenario, args.episode_seconds)
         reled = measure(2, args.updates, args.scenario, args.episode_seconds, demos)
@@ -112,17 +117,27 @@ def main() -> None:
                 "in workers: SUMO + env", "in workers: actor"):
         table.add_column(col, justify="right")
     for r in results:
-        table.add_row(str(r["workers"]), f"{r['agent_steps_per_second']:,.0f}", f"{r['collect_share']:.0%}",
+        table.add_row(f"{r['workers']}{' Ray actors' if 'backend_workers' in r else ''}",
+                      f"{r['agent_steps_per_second']:,.0f}", f"{r['collect_share']:.0%}",
                       f"{r['learn_share']:.0%}", f"{r['worker_sim_share']:.0%}", f"{1 - r['worker_sim_share']:.0%}")
     console = Console(width=120)
     console.print(table)
     console.print(f"2 workers / 1 worker: {speedup:.2f}x agent-steps/s")
+    ray_overhead = None
+    if args.ray:  # the collection is what Ray changes (the learner runs the same code): its time is the overhead
+        local, on_ray = results[1], results[-1]
+        ray_overhead = {"collect": on_ray["collect_seconds"] / local["collect_seconds"] - 1,
+                        "update": local["agent_steps_per_second"] / on_ray["agent_steps_per_second"] - 1}
+        console.print(f"2 Ray actors: {on_ray['agent_steps_per_second']:,.0f} agent-steps/s; Ray's overhead over 2 "
+                      f"local workers: collection {ray_overhead['collect']:+.1%}, whole updates "
+                      f"{ray_overhead['update']:+.1%} (learner noise included)")
     console.print(f"RELED over IPPO (2 workers): DTW + weights {overhead['hpo_seconds_per_update'] * 1000:.0f} ms and "
                   f"learner {overhead['extra_learn_seconds_per_update'] * 1000:+.0f} ms per update = "
                   f"{overhead['share_of_ippo_update']:.1%} of IPPO's {per_update:.2f} s update (target <= 15%); "
                   f"whole updates {overhead['wall_ratio']:.2f}x (collection noise included)")
     atomic_write_text(args.json, json.dumps({"scenario": args.scenario, "runs": [*results, reled],
-                                             "speedup_2_over_1": speedup, "reled_overhead": overhead},
+                                             "speedup_2_over_1": speedup, "reled_overhead": overhead,
+                                             "ray_overhead": ray_overhead},
                                             indent=2) + "\n")
     console.print(f"wrote {args.json}")
 
