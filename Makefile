@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@command -v mosquitto >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq mosquitto; }
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[train,dev]'
+	$(BIN)/pip install -q -e '.[train,dev,ray]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -1,9 +1,10 @@
 """Test-wide setup and fixtures.
 
-RELED's user data goes to a temp folder, never to the developer's home. The CLI fixtures run `reled`
-as users do (a subprocess) and check the one-line errors every bad input must get. ``wait_until`` is how
-a test waits for something that happens in another process (never sample once and hope), and ``spawn``
-starts processes that are killed with all their children when the test ends, passed or failed.
+RELED's user data goes to a temp folder and Ray's token to the environment, never to the developer's home.
+The CLI fixtures run `reled` as users do (a subprocess) and check the one-line errors every bad input must
+get. ``wait_until`` is how a test waits for something that happens in another process (never sample once
+and hope), and ``spawn`` starts processes that are killed with all their children when the test ends,
+passed or failed.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import secrets
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +34,8 @@ if TYPE_CHECKING:
 
 _HOME = Path(tempfile.mkdtemp(prefix="reled-test-home-"))
 os.environ["RELED_HOME"] = str(_HOME)
+# Ray's token authentication from the environment, so that no test writes ~/.ray/auth_token; no usage reports
+os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"})
 
 RELED_COMMAND = [sys.executable, "-m", "trainer"]
 
@@ -79,6 +85,23 @@ def wait_until() -> Callable[..., Any]:
                 pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
             time.sleep(interval)
     return wait
+
+
+@pytest.fixture(scope="session")
+def kill_while_playing() -> Callable[..., threading.Thread]:
+    """``kill_while_playing(worker, victim_pid, after)``: a thread that SIGKILLs ``victim_pid()`` ``after`` seconds
+    into ``worker``'s next episode (a rollout worker whose ``job`` is set while it plays)."""
+    def start(worker: Any, victim_pid: Callable[[], int], after: float) -> threading.Thread:
+        def kill() -> None:
+            while worker.job is None:
+                time.sleep(0.005)
+            time.sleep(after)
+            os.kill(victim_pid(), signal.SIGKILL)
+
+        thread = threading.Thread(target=kill)
+        thread.start()
+        return thread
+    return start
 
 
 class SignalRecorder:

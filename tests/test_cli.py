@@ -166,7 +166,9 @@ def test_eval_keeps_env_settings_from_the_config_file(assert_one_line_error, rel
                 "--delta": f"{DecisionTiming().delta:g}", "--yellow": f"{DecisionTiming().yellow:g}",
                 "--llm-threads": str(LLMSettings().threads), "--llm-model": LLMSettings().model}),
     (["train"], {"--steps": str(TrainConfig().steps), "--algo": TrainConfig().algo,
-                 "--episodes-per-update": str(TrainConfig().episodes_per_update)}),
+                 "--episodes-per-update": str(TrainConfig().episodes_per_update),
+                 "--backend-workers": TrainConfig().backend_workers, "--ray-address": TrainConfig().ray_address}),
+    (["sweep"], {"--out": "sweeps/FILE-NAME", "--ray-address": "no Ray: one step after another here"}),
     (["demos", "generate"], {"--rounds": "1 in verified mode, 3 in plan and step modes",
                              "--tau": f"{RefineConfig().tau:g}", "--mode": GenerateRequest.__dataclass_fields__[
                                  "mode"].default, "--llm-context": str(LLMSettings().context),

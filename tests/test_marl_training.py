@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +32,8 @@ def _config(**train):
                                           "eval_episodes": 1, **train}, env=SHORT)
 
 
-def _first_update_losses(folder: Path, algo: str, seed: int) -> dict[str, str]:
-    run = TrainingRun.create(folder, _config(algo=algo, seed=seed, steps=240))
+def _first_update_losses(folder: Path, algo: str, seed: int, **train) -> dict[str, str]:
+    run = TrainingRun.create(folder, _config(algo=algo, seed=seed, steps=240, **train))
     run.train()
     row = CsvLog(folder / "metrics.csv").read()[0]
     return {k: v for k, v in row.items() if k.startswith("loss/") or k in ("approx_kl", "grad_norm")}
@@ -49,6 +46,15 @@ def test_same_seed_same_first_update_losses(tmp_path, algo):
     other = _first_update_losses(tmp_path / "c", algo, seed=4)
     assert first == again
     assert first != other  # the comparison can fail: another seed gives other losses
+
+
+def test_ray_actors_give_the_first_update_losses_of_local_workers(tmp_path):
+    """Episodes are seeded by their job, not by who plays them: Ray actors (a private Ray here) learn the same."""
+    local = _first_update_losses(tmp_path / "local", "ippo", seed=3)
+    on_ray = _first_update_losses(tmp_path / "ray", "ippo", seed=3, backend_workers="ray")
+    assert on_ray == local
+    final = [[r["avg_delay"] for r in CsvLog(tmp_path / run / "evaluations.csv").read()] for run in ("local", "ray")]
+    assert final[0] == final[1] and len(final[0]) == 10  # the final greedy episodes, played by the actors too
 
 
 def _params(folder: Path) -> dict[str, torch.Tensor]:
@@ -116,21 +122,8 @@ def test_overlapped_collection_is_exact_across_resume_and_worker_counts(tmp_path
     assert any(not torch.equal(v, _params(plain)[k]) for k, v in a.items())
 
 
-def _kill_while_playing(worker, victim_pid, after: float) -> threading.Thread:
-    """SIGKILL ``victim_pid()`` ``after`` seconds into ``worker``'s next episode."""
-    def kill() -> None:
-        while worker.job is None:
-            time.sleep(0.005)
-        time.sleep(after)
-        os.kill(victim_pid(), signal.SIGKILL)
-
-    thread = threading.Thread(target=kill)
-    thread.start()
-    return thread
-
-
 @pytest.mark.parametrize("victim", ["worker", "traci-sumo"])
-def test_a_crash_mid_episode_restarts_the_worker_and_replays_the_episode(caplog, victim):
+def test_a_crash_mid_episode_restarts_the_worker_and_replays_the_episode(caplog, kill_while_playing, victim):
     spec = ActorSpec(16, 1, True)
     env = EnvConfig(scenario="grid3x3", backend="traci" if victim == "traci-sumo" else "libsumo")
     with ProcessWorkers(1, env, spec) as pool:
@@ -139,9 +132,9 @@ def test_a_crash_mid_episode_restarts_the_worker_and_replays_the_episode(caplog,
         worker = pool.workers[0]
         halfway = reference.sim_seconds / 2  # well past SUMO's start, well before the end
         if victim == "worker":
-            killer = _kill_while_playing(worker, lambda: worker.process.pid, halfway)
+            killer = kill_while_playing(worker, lambda: worker.process.pid, halfway)
         else:  # the SUMO child process that TraCI talks to
-            killer = _kill_while_playing(worker, lambda: next(
+            killer = kill_while_playing(worker, lambda: next(
                 c.pid for c in psutil.Process(worker.process.pid).children() if "sumo" in c.name()), halfway)
         with caplog.at_level(logging.WARNING, logger="trainer.marl.workers"):
             replayed = pool.collect(actor_state, [EpisodeJob(seed=5)])[0]
@@ -247,6 +240,8 @@ def test_show_config_prints_every_default_and_the_flags(reled):
 
 def test_cli_bad_training_input(assert_one_line_error, reled, tmp_path):
     assert_one_line_error(reled("train", "--algo", "qmix"), "unknown algorithm 'qmix'")
+    assert_one_line_error(reled("train", "--backend-workers", "slurm"), "unknown --backend-workers 'slurm'",
+                          "local, ray")
     assert_one_line_error(reled("train", "--scenario", "atlantis", "--runs-dir", str(tmp_path)), "atlantis")
     config = tmp_path / "bad.toml"
     config.write_text("[ppo]\nclip_range = 0.3\n")

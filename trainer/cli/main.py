@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.logging import RichHandler
 
-from trainer.cli import demos, evaluate, export, hil, record, scenarios, train, update
+from trainer.cli import demos, evaluate, export, hil, record, scenarios, sweep, train, update
 from trainer.cli.common import err_console, user_errors
 from trainer.cli.options import SettingsCommand, with_option_groups
 
@@ -39,6 +39,7 @@ command(app, "scenarios", scenarios.list_command)
 command(app, "eval", evaluate.eval_command)
 command(app, "train", train.train_command)
 command(app, "compare", train.compare_command)
+command(app, "sweep", sweep.sweep_command)
 command(app, "export", export.export_command)
 command(app, "update", update.update_command)
 command(app, "record", record.record_command)

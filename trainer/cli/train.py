@@ -19,7 +19,11 @@ TRAIN = OptionGroup(
     Flag("scenario", str, "Scenario name or folder"),
     Flag("demand", str, "Demand regime"),
     Flag("steps", int, "Agent-steps to train for (one intersection's decision each)"),
-    Flag("workers", int, "SUMO worker processes"),
+    Flag("workers", int, "SUMO workers (processes, or Ray actors)"),
+    Flag("backend_workers", str, "Where the SUMO workers run: local (processes on this machine) or ray (one Ray "
+                                 "actor each, here or on a cluster; pip install 'reled\\[ray]')"),
+    Flag("ray_address", str, "With --backend-workers ray: local (a private Ray on this machine), auto (the "
+                             "cluster this machine joined with `ray start`) or HOST:PORT of a cluster's head"),
     Flag("seed", int, "Seed of the networks, sampling and SUMO"),
     Flag("episodes_per_update", int, "Episodes per PPO update"),
     Flag("eval_every", int, "Updates between evaluations"),
@@ -57,8 +61,9 @@ def train_command(
     name: Annotated[str | None, typer.Option(help="Run name " + default_note("ALGO-SCENARIO-DEMAND-sSEED"))]
     = None,
     runs_dir: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
-    resume: Annotated[Path | None, typer.Option(help="Continue runs/NAME from latest.pt exactly; only --steps "
-                                                     "and --workers may change.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue runs/NAME from latest.pt exactly; only --steps, "
+                                                     "--workers, --backend-workers and --ray-address may change."
+                                                )] = None,
     show_config: Annotated[bool, typer.Option(help="Print the resolved configuration (every default, as TOML) "
                                                    "and exit.")] = False,
 ) -> None:
@@ -79,8 +84,9 @@ def train_command(
         given = [f"--{key.replace('_', '-')}" for key in RESUME_FIXED if values.get(key) is not None]
         if given:
             raise RELEDError(f"--resume continues the run's own settings; drop {', '.join(given)} "
-                             "(only --steps and --workers may change)")
-        run = TrainingRun.resume(resume, steps=train.get("steps"), workers=train.get("workers"))
+                             "(only --steps, --workers, --backend-workers and --ray-address may change)")
+        run = TrainingRun.resume(resume, steps=train.get("steps"), workers=train.get("workers"),
+                                 backend_workers=train.get("backend_workers"), ray_address=train.get("ray_address"))
     else:
         cfg = load_train_config(config, train=train, hpo=hpo, env=env)
         if show_config:
@@ -102,8 +108,9 @@ def _train_with_progress(run: Any) -> None:
     from trainer.marl.curves import hpo_curves, learning_curves
 
     cfg, progress = run.config, run.progress
+    where = f" (Ray actors, --ray-address {cfg.ray_address})" if cfg.backend_workers == "ray" else ""
     console.print(f"[bold]{cfg.algo}[/] on {cfg.scenario}/{cfg.demand}, seed {cfg.seed}: {len(run.agents)} "
-                  f"agents, {cfg.steps:,} agent-steps, {cfg.workers} worker(s) → {run.folder}")
+                  f"agents, {cfg.steps:,} agent-steps, {cfg.workers} worker(s){where} → {run.folder}")
     latest: dict[str, float] = {}
     with progress_bar(counts=True) as bar:
         task = bar.add_task("training", total=cfg.steps, completed=progress.agent_steps)
@@ -152,6 +159,11 @@ def compare_command(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the table as JSON.")] = None,
 ) -> None:
     """Compare runs: one table (last-10 and best evaluation delay, mean ± std over seeds) and one plot."""
+    compare_runs(runs, plot, json_out)
+
+
+def compare_runs(runs: list[Path], plot: Path, json_out: Path | None) -> None:
+    """The table, the plot and the JSON of `reled compare` (`reled sweep` ends with them too)."""
     import json
 
     from edge_runtime.fileio import atomic_write_text

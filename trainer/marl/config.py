@@ -18,6 +18,8 @@ from trainer.scenarios import DecisionTiming, scenario_identity
 
 Algo = Literal["ippo", "mappo", "reled"]
 ALGOS: tuple[str, ...] = ("ippo", "mappo", "reled")
+WorkersBackend = Literal["local", "ray"]
+WORKERS_BACKENDS: tuple[str, ...] = ("local", "ray")
 WEIGHT_MODES = "adaptive, fixed:X or none"
 
 
@@ -93,7 +95,9 @@ class TrainConfig:
     scenario: str = "grid2x2"
     demand: str = "moderate"
     steps: int = 300_000  # agent-steps (decisions of one intersection) to train for
-    workers: int = 2  # SUMO worker processes
+    workers: int = 2  # SUMO worker processes (or Ray actors)
+    backend_workers: WorkersBackend = "local"  # local worker processes or Ray actors (trainer.marl.ray_workers)
+    ray_address: str = "local"  # Ray's address: local (a private Ray here), auto or HOST:PORT of a cluster
     seed: int = 0
     episodes_per_update: int = 2  # SUMO episodes collected per PPO update (independent of workers)
     eval_every: int = 5  # updates between evaluations (deterministic actions)
@@ -112,6 +116,9 @@ class TrainConfig:
         object.__setattr__(self, "env", dataclasses.replace(self.env, scenario=self.scenario, demand=self.demand))
         if self.algo not in ALGOS:
             raise RELEDError(f"unknown algorithm {self.algo!r}: choose one of {', '.join(ALGOS)}")
+        if self.backend_workers not in WORKERS_BACKENDS:
+            raise RELEDError(f"unknown --backend-workers {self.backend_workers!r}: choose one of "
+                             f"{', '.join(WORKERS_BACKENDS)}")
         for name in ("steps", "workers", "episodes_per_update", "eval_every", "eval_episodes", "threads"):
             if getattr(self, name) < 1:
                 raise RELEDError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -64,6 +64,7 @@ from trainer.marl.run_folder import (
 )
 from trainer.marl.storage import RolloutBatch
 from trainer.marl.workers import ActorSpec, EpisodeJob, ProcessWorkers, RolloutWorkers
+from trainer.ray_session import missing_ray, ray_installed
 from trainer.rollout import Episode
 from trainer.scenarios import get_scenario
 
@@ -80,6 +81,8 @@ class TrainingRun:
     """A run folder being trained; build with ``create`` or ``resume``."""
 
     def __init__(self, folder: Path, config: TrainConfig, progress: RunProgress, learner_state: dict | None):
+        if config.backend_workers == "ray" and not ray_installed():  # refused before a run folder is written
+            raise missing_ray("--backend-workers ray")
         self.folder = folder
         self.config = config
         self.progress = progress
@@ -133,12 +136,14 @@ class TrainingRun:
         return run
 
     @classmethod
-    def resume(cls, folder: Path, steps: int | None = None, workers: int | None = None) -> TrainingRun:
-        """Continue from latest.pt; ``steps`` may extend the budget, ``workers`` change the parallelism
-        (results do not depend on it)."""
+    def resume(cls, folder: Path, steps: int | None = None, workers: int | None = None,
+               **backend: str | None) -> TrainingRun:
+        """Continue from latest.pt; ``steps`` may extend the budget, ``workers`` and ``backend``
+        (backend_workers, ray_address) change the parallelism (results depend on neither)."""
         config = read_config(folder)
         data = load_checkpoint(folder / LATEST)
-        config = replace(config, **{k: v for k, v in (("steps", steps), ("workers", workers)) if v is not None})
+        changes = {"steps": steps, "workers": workers, **backend}
+        config = replace(config, **{k: v for k, v in changes.items() if v is not None})
         progress = RunProgress(**data["progress"])
         if steps is not None and steps > progress.agent_steps:
             progress.finished = False
@@ -173,7 +178,7 @@ class TrainingRun:
         """Workers and TensorBoard open for a series of updates; yields the function doing one update."""
         torch.set_num_threads(_learner_threads(self.config))
         spec = ActorSpec(self.config.ppo.hidden, self.config.ppo.layers, self.config.ppo.normalize_obs)
-        pool = workers or ProcessWorkers(self.config.workers, self.config.env, spec)
+        pool = workers or _rollout_workers(self.config, spec)
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
 
         writer = SummaryWriter(str(self.folder / "tb"), purge_step=self.progress.agent_steps or None)
@@ -376,6 +381,15 @@ class TrainingRun:
 def _learner_threads(config: TrainConfig) -> int:
     """torch threads of the learner: with overlap it shares the cores with the workers, where more would spin."""
     return 1 if config.overlap else config.threads
+
+
+def _rollout_workers(cfg: TrainConfig, spec: ActorSpec) -> RolloutWorkers:
+    """The configured backend: worker processes here, or Ray actors (Ray is imported only when asked for)."""
+    if cfg.backend_workers == "ray":
+        from trainer.marl.ray_workers import RayWorkers
+
+        return RayWorkers(cfg.workers, cfg.env, spec, cfg.ray_address)
+    return ProcessWorkers(cfg.workers, cfg.env, spec)
 
 
 def _mean(values: Any) -> float:
