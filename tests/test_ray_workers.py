@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -94,6 +96,20 @@ def test_without_ray_the_ray_options_are_one_clear_error(assert_one_line_error, 
     assert not (tmp_path / "out").exists()
     # the same interpreter trick leaves a command that does not need Ray working
     assert subprocess.run([*WITHOUT_RAY, "train", "--show-config"], capture_output=True, timeout=120).returncode == 0
+
+
+def test_a_ray_address_without_a_head_is_one_clear_error_at_once(assert_one_line_error, reled, tmp_path):
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    train = reled("train", "--backend-workers", "ray", "--ray-address", f"127.0.0.1:{port}", "--runs-dir",
+                  str(tmp_path / "runs"))  # refused before Ray, which would retry for minutes
+    assert_one_line_error(train, f"--ray-address 127.0.0.1:{port}: no Ray head answers there", "ray start --head")
+    assert not (tmp_path / "runs").exists()
+    sweep = reled("sweep", str(Path(__file__).parents[1] / "configs" / "sweep_example.toml"), "--ray-address",
+                  "head-without-port", "--out", str(tmp_path / "out"))
+    assert_one_line_error(sweep, "--ray-address 'head-without-port' is not local, auto or HOST:PORT")
+    assert not (tmp_path / "out").exists()
 
 
 def _name(proc: psutil.Process) -> str:

@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import logging
 import signal
+import socket
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +29,7 @@ LOCAL = "local"  # the address that starts a private Ray on this machine
 # a private Ray's shared memory: episodes and weights are a few MB (Ray's default takes 30% of the RAM)
 LOCAL_OBJECT_STORE_BYTES = 200 * 2**20
 PACKAGES = ("trainer", "edge_runtime")
+CONNECT_TIMEOUT_S = 5.0
 
 
 def ray_installed() -> bool:
@@ -70,6 +72,20 @@ def check_same_code(node: str, node_identity: str, driver_identity: str) -> None
                          "(docs/scale_out.md)")
 
 
+def check_address(address: str) -> None:
+    """Refuse a HOST:PORT where nothing listens, at once: Ray itself retries a missing head for minutes."""
+    if address in (LOCAL, "auto"):
+        return  # a private Ray is started; "auto" finds the local cluster or fails at once
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RELEDError(f"--ray-address {address!r} is not local, auto or HOST:PORT (a Ray head's address)")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise RELEDError(f"--ray-address {address}: no Ray head answers there ({exc}); start one with "
+                         "`ray start --head --port PORT`, use auto on a node of the cluster, or local") from None
+
+
 def first_line(exc: BaseException) -> str:
     """The headline of one of Ray's exceptions (they carry tracebacks and hints on the lines below)."""
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -91,6 +107,7 @@ class RaySession:
         self.owned = not self.ray.is_initialized()  # a caller (a test, a Ray job) may have connected already
         if not self.owned:
             return
+        check_address(address)
         options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
         if address == LOCAL:
             options |= {"num_cpus": num_cpus, "include_dashboard": False,

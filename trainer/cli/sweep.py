@@ -30,13 +30,15 @@ def sweep_command(
     """
     from edge_runtime.errors import RELEDError
     from trainer.cli.train import compare_runs
-    from trainer.ray_session import missing_ray, ray_installed
+    from trainer.ray_session import check_address, missing_ray, ray_installed
     from trainer.sweep.execute import RAY_SWEEP, Log, run_here, run_on_ray
     from trainer.sweep.spec import load_sweep
     from trainer.sweep.steps import Planner
 
-    if ray_address is not None and not ray_installed():  # before anything is written
-        raise missing_ray(RAY_SWEEP)
+    if ray_address is not None:  # before anything is written
+        if not ray_installed():
+            raise missing_ray(RAY_SWEEP)
+        check_address(ray_address)
     sweep = load_sweep(file)
     spec = sweep.spec
     out = (out or Path("sweeps") / file.stem).resolve()

@@ -64,7 +64,7 @@ from trainer.marl.run_folder import (
 )
 from trainer.marl.storage import RolloutBatch
 from trainer.marl.workers import ActorSpec, EpisodeJob, ProcessWorkers, RolloutWorkers
-from trainer.ray_session import missing_ray, ray_installed
+from trainer.ray_session import check_address, missing_ray, ray_installed
 from trainer.rollout import Episode
 from trainer.scenarios import get_scenario
 
@@ -81,8 +81,10 @@ class TrainingRun:
     """A run folder being trained; build with ``create`` or ``resume``."""
 
     def __init__(self, folder: Path, config: TrainConfig, progress: RunProgress, learner_state: dict | None):
-        if config.backend_workers == "ray" and not ray_installed():  # refused before a run folder is written
-            raise missing_ray("--backend-workers ray")
+        if config.backend_workers == "ray":  # refused before a run folder is written
+            if not ray_installed():
+                raise missing_ray("--backend-workers ray")
+            check_address(config.ray_address)
         self.folder = folder
         self.config = config
         self.progress = progress
