@@ -188,12 +188,13 @@ def small_disk(tmp_path: Path):
 
 
 def fill(folder: Path) -> Path:
-    """Write until the filesystem is full (ENOSPC)."""
+    """Write until the filesystem is full (ENOSPC). Unbuffered: a buffered file kept the bytes of the write that
+    failed and raised ENOSPC again when it was closed."""
     path = folder / "filler"
-    with path.open("wb") as fh, contextlib.suppress(OSError):
+    path.touch()
+    with contextlib.suppress(OSError), path.open("wb", buffering=0) as fh:
         while True:
             fh.write(b"\0" * 65536)
-            fh.flush()
     return path
 
 
