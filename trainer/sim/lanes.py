@@ -77,7 +77,7 @@ class LaneReader:
         self._segments_on = [[] for _ in self._distinct]
         for i, seg in enumerate(segments):
             self._segments_on[index[seg.lane]].append((i, float(seg.start)))
-        self._plan = [(index[s.lane], float(s.start)) for s in segments]
+        self._segment_lane = np.array([index[s.lane] for s in segments], dtype=np.intp)
         self._first_segment = np.flatnonzero(np.r_[True, self.owner[1:] != self.owner[:-1]])
         n, m = len(lanes), len(segments)
         self._seg_queue = np.zeros(m, dtype=np.float32)
@@ -142,6 +142,6 @@ class LaneReader:
     def waiting_sums(self) -> np.ndarray:
         """Summed waiting seconds of the vehicles on each detector's lanes (for the `wait` reward)."""
         get = self.api.lane.getWaitingTime
-        per_lane = [get(lane) for lane in self._distinct]
-        per_segment = np.array([per_lane[j] for j, _ in self._plan], dtype=np.float32)
+        per_lane = np.array([get(lane) for lane in self._distinct], dtype=np.float32)
+        per_segment = per_lane[self._segment_lane]
         return np.bincount(self.owner, per_segment, minlength=len(self.lanes)).astype(np.float32)
