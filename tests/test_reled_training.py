@@ -87,6 +87,7 @@ def test_a_reled_run_resumes_exactly_with_its_demonstrations(grid_demos, tmp_pat
     assert manifest["passes"] == [{"update": 2, "replaced": [0]}] and manifest["kept"][0]["ret"] > -1e6
     summary = json.loads((split / "summary.json").read_text())
     assert summary["sed_passes"] == 1 and summary["demos_version"] == 1
+    assert [r["sed/llm_calls"] for r in CsvLog(split / "metrics.csv").read()] == ["", "0", "", ""]  # tools only
 
 
 def test_the_run_logs_weights_distances_and_the_imitation_share(grid_demos, tmp_path):
@@ -162,6 +163,9 @@ def test_cli_reled_with_the_llm_expert_then_eval_export_compare(reled, tmp_path)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["algo"] == "reled" and summary["sed_passes"] == 1 and summary["sed_seconds"] > 0
     assert summary["wall_seconds"] >= summary["sed_seconds"]
+    passes = [r for r in CsvLog(folder / "metrics.csv").read() if r["sed/llm_calls"]]
+    assert len(passes) == 1 and int(passes[0]["sed/llm_calls"]) > 0  # the pass's own calls, late ones counted
+    assert 0 <= int(passes[0]["sed/llm_late"]) <= int(passes[0]["sed/llm_calls"])
     proc = reled("eval", "--scenario", "grid2x2", "--episode-seconds", "300", "--seeds", "1", "--controller", "greedy",
                  "--policy", str(folder / "latest.pt"))
     assert proc.returncode == 0, proc.stderr

@@ -92,6 +92,12 @@ def mean_curve(curves: list[Curve], attr: str, x: str = "steps") -> tuple[np.nda
     return grid, values.mean(0), values.std(0)
 
 
+def reproduce(*selection: str) -> str:
+    """The line under a figure or table: the runner's command for just that part, then the report."""
+    return (f"Reproduce: `.venv/bin/python tools/experiments/run.py {' '.join(selection)} && "
+            ".venv/bin/python tools/experiments/report.py`")
+
+
 def agent_count(folder: Path) -> int:
     """The lights a run controlled (from its checkpoint): the x of the scalability figure."""
     import torch  # only here: the rest of the report needs no torch
@@ -145,6 +151,7 @@ class Report:
                        "*Steps to IPPO's final*: the first periodic evaluation (mean over seeds) at or below IPPO's "
                        "final delay, and its share of IPPO's budget (the agent-steps that gave IPPO that delay). "
                        "Periodic evaluations play SUMO seeds 1000+, the final ones seeds 0-9 (as the heuristics).", "",
+                       self.llm_deadlines(), "",
                        "| scenario | demand | algo | seeds | last-10 delay (s) | travel time (s) | var. last 20 evals "
                        "| steps to IPPO's final (share of its budget) | wall-clock (min), SED part |",
                        "|---|---|---|---|---|---|---|---|---|"]
@@ -159,6 +166,24 @@ class Report:
                 self.efficiency_rows(scenario, demand, groups, refs)
                 self.efficiency_figure(scenario, demand, groups, refs)
         self.lines.append("")
+
+    def llm_deadlines(self) -> str:
+        """How many of the embedded model's calls missed their deadline: in the demonstration stores made
+        before training, and in the SED passes between updates (runs whose metrics.csv records them)."""
+        stores = {m.parent.name: json.loads(m.read_text()).get("llm_totals", {})
+                  for m in sorted((self.out / "demos").glob("*/manifest.json"))}
+        late = [f"{name} {t['late']} of {t['calls']}" for name, t in stores.items() if t.get("late")]
+        stores = [t for t in stores.values() if t.get("calls")]
+        passes = [r for m in (self.out / "runs").glob("*/metrics.csv") for r in read_csv(m) if r.get("sed/llm_calls")]
+        text = (f"The embedded model's calls: {len(stores)} demonstration stores made "
+                f"{sum(t['calls'] for t in stores):,} calls, {sum(t['late'] for t in stores)} of them past the "
+                "30 s deadline" + (f" ({', '.join(late)})" if late else ""))
+        calls = sum(int(r["sed/llm_calls"]) for r in passes)
+        if calls:
+            text += (f"; {len(passes)} SED passes between updates made {calls:,}, "
+                     f"{sum(int(r['sed/llm_late']) for r in passes)} late")
+        self.data["llm_deadlines"] = text
+        return text + "."
 
     def efficiency_rows(self, scenario: str, demand: str, groups: dict[str, list[Curve]],
                         refs: dict[str, dict[str, float]]) -> None:
@@ -228,7 +253,8 @@ class Report:
         fig.tight_layout()
         fig.savefig(self.figures / name, dpi=110)
         plt.close(fig)
-        self.lines += ["", f"![{scenario} {demand}](figures/{name})", ""]
+        self.lines += ["", f"![{scenario} {demand}](figures/{name})", "",
+                       reproduce("--only a", f"--scenarios {scenario}", f"--demands {demand}"), ""]
 
     def targets(self) -> None:
         """The issue's targets per scenario and demand, each MET or NOT MET with its figures."""
@@ -285,7 +311,7 @@ class Report:
             self.lines += ["## RESCO's timing: against the published figures", "",
                            "Target: 10% below RESCO's best published figure (cologne8 21.6 s, ingolstadt7 31.2 s).", "",
                            "| net | algo | seeds | last-10 delay (s) | best heuristic (s) | target |",
-                           "|---|---|---|---|---|---|", *rows, ""]
+                           "|---|---|---|---|---|---|", *rows, "", reproduce("--only resco"), ""]
 
     # -- (c) scalability ------------------------------------------------------------------------
     def scalability(self) -> None:
@@ -325,7 +351,8 @@ class Report:
             fig.tight_layout()
             fig.savefig(self.figures / "reled_c_scalability.png", dpi=110)
             plt.close(fig)
-            self.lines += ["", "![scalability](figures/reled_c_scalability.png)", ""]
+            self.lines += ["", "![scalability](figures/reled_c_scalability.png)", "",
+                           reproduce("--only a,c", "--algos ippo,reled", "--demands moderate", "--seeds 0"), ""]
 
     # -- (d) generalization ---------------------------------------------------------------------
     def generalization(self) -> None:
@@ -352,7 +379,7 @@ class Report:
                               f"{np.std(values):.1f} | {refs[target].get('greedy', float('nan')):.1f} | "
                               f"{refs[target].get('max-pressure', float('nan')):.1f} |")
         self.data["zero_shot"] = {f"{t} -> {e} ({a})": v for (t, e, a), v in results.items()}
-        self.lines.append("")
+        self.lines += ["", reproduce("--only d") + " (after the runs of (a) it evaluates)", ""]
 
     # -- (e) ablations --------------------------------------------------------------------------
     def ablations(self) -> None:
@@ -396,7 +423,7 @@ class Report:
         fig.tight_layout()
         fig.savefig(self.figures / "reled_e_ablations.png", dpi=110)
         plt.close(fig)
-        self.lines += ["", "![ablations](figures/reled_e_ablations.png)", ""]
+        self.lines += ["", "![ablations](figures/reled_e_ablations.png)", "", reproduce("--only e"), ""]
 
     def write(self, head: list[str]) -> None:
         missing = [r.key for r in self.profile.runs if load_curve(self.out / "runs" / r.key) is None]

@@ -152,6 +152,8 @@ class PassResult:
     version: int  # the demonstrations now in force
     rows: list[dict[str, Any]]  # sed.csv: per subset, the kept and the fresh candidate
     replaced: list[int]  # subsets whose demonstration changed
+    llm_calls: int  # the fresh episode's calls to the embedded model (0 with --no-sed-llm)
+    llm_late: int  # of them, answers past the deadline (the cores SED shares, made visible)
 
 
 def sed_pass(run: Path, version: int, config: TrainConfig, facts: RunFacts, actor: Actor, update: int) -> PassResult:
@@ -160,7 +162,7 @@ def sed_pass(run: Path, version: int, config: TrainConfig, facts: RunFacts, acto
     current = open_demos(demos_folder(run, version), facts)
     kept = rescore(current, actor, refine)
     fresh_folder = run / PASS_FOLDER
-    _generate(fresh_folder, config, actor)
+    llm = _generate(fresh_folder, config, actor)["llm_totals"]
     fresh = open_demos(fresh_folder, facts)
     candidates = rescore(fresh, actor, refine)
     replaced = [old.subset for old, new in zip(kept, candidates, strict=True) if new.score > old.score]
@@ -170,7 +172,7 @@ def sed_pass(run: Path, version: int, config: TrainConfig, facts: RunFacts, acto
         _write_merged(demos_folder(run, version + 1), current, fresh, replaced, update)
         version += 1
     shutil.rmtree(fresh_folder, ignore_errors=True)
-    return PassResult(version, rows, replaced)
+    return PassResult(version, rows, replaced, llm["calls"], llm["late"])
 
 
 def _write_merged(target: Path, current: DemoSet, fresh: DemoSet, replaced: list[int], update: int) -> None:

@@ -74,7 +74,8 @@ UpdateHook = Callable[[dict[str, Any]], None]
 BatchExtension = Callable[[PPOLearner, RolloutBatch], tuple[RolloutBatch, dict[str, Any]]]
 SEED_STRIDE = 100_000  # training episode k of seed s plays SUMO seed s * SEED_STRIDE + k
 PERIODIC_EVAL_SEED = 1_000  # periodic evaluation episode k plays SUMO seed 1000 + k
-SED_STATS = ("sed_seconds", "sed/D_mean", "sed/B_mean", "sed/replaced")  # metrics.csv, empty without a pass
+# metrics.csv, empty without a pass
+SED_STATS = ("sed_seconds", "sed/D_mean", "sed/B_mean", "sed/replaced", "sed/llm_calls", "sed/llm_late")
 
 
 class TrainingRun:
@@ -294,7 +295,7 @@ class TrainingRun:
             **hpo_stats,
             **extra_stats,
         }
-        self.metrics.widen(list(extra_stats))
+        self.metrics.widen([*extra_stats, *hpo_stats])  # a run resumed from before a column existed
         self.metrics.append(row)
         self._checkpoint(eval_delay, replace_best=extra)
         return row
@@ -340,7 +341,7 @@ class TrainingRun:
         self.progress.sed_seconds += seconds
         kept = [r for r in result.rows if r["adopted"]]
         return dict(zip(SED_STATS, (seconds, _mean(r["divergence"] for r in kept), _mean(r["bound"] for r in kept),
-                                    len(result.replaced)), strict=True))
+                                    len(result.replaced), result.llm_calls, result.llm_late), strict=True))
 
     def _evaluate(self, pool: RolloutWorkers, n: int, final: bool, wall: float) -> float:
         progress = self.progress
