@@ -92,6 +92,15 @@ def mean_curve(curves: list[Curve], attr: str, x: str = "steps") -> tuple[np.nda
     return grid, values.mean(0), values.std(0)
 
 
+def final_on_seed(folder: Path, seed: int) -> float | None:
+    """A finished run's final-policy delay on one SUMO seed of its final evaluation (None: not there)."""
+    if load_curve(folder) is None:
+        return None
+    delays = [float(r["avg_delay"]) for r in read_csv(folder / "evaluations.csv")
+              if r["final"] == "1" and int(r["seed"]) == seed]
+    return delays[0] if delays else None
+
+
 def reproduce(*selection: str) -> str:
     """The line under a figure or table: the runner's command for just that part, then the report."""
     return (f"Reproduce: `.venv/bin/python tools/experiments/run.py {' '.join(selection)} && "
@@ -287,6 +296,43 @@ class Report:
             self.lines += ["## Targets (mean of the seeds; the final policy = its last-10 evaluation mean)", "",
                            "| setting | target | verdict | figures |", "|---|---|---|---|", *rows, ""]
 
+    # -- the expert against the policy that imitates it ----------------------------------------
+    def expert_reach(self) -> None:
+        """Each RELED run's final policy on its demonstrations' own traffic (their SUMO seed, one of the final
+        evaluation's 0-9) against the expert's kept demonstrations replayed there, IPPO and greedy."""
+        rows, record = [], {}
+        reled_runs = [r for r in self.profile.runs if r.algo == "reled" and not r.variant and r.experiment != "c"]
+        for setting in dict.fromkeys((r.scenario, r.demand, r.timing) for r in reled_runs):
+            found: dict[str, list[float]] = {"expert": [], "reled": [], "ippo": [], "greedy": []}
+            for run in [r for r in reled_runs if (r.scenario, r.demand, r.timing) == setting]:
+                manifest_path = self.out / "demos" / run.demos_key / "manifest.json"
+                ippo = Run(run.experiment, run.scenario, run.demand, "ippo", run.seed, run.steps, timing=run.timing)
+                policy, rival = (final_on_seed(self.out / "runs" / r.key, run.seed) for r in (run, ippo))
+                if not manifest_path.is_file() or policy is None or rival is None:
+                    continue
+                manifest = json.loads(manifest_path.read_text())
+                if "kept_replay" not in manifest:
+                    continue
+                for name, value in (("expert", manifest["kept_replay"]["avg_delay"]), ("reled", policy),
+                                    ("ippo", rival), ("greedy", manifest["baselines"]["greedy"]["avg_delay"])):
+                    found[name].append(value)
+            if not found["expert"]:
+                continue
+            label = f"{setting[0]}{' (RESCO timing)' if setting[2] else ''}/{setting[1]}"
+            means = {k: float(np.mean(v)) for k, v in found.items()}
+            record[label] = {**means, "seeds": len(found["expert"])}
+            rows.append(f"| {label} | {len(found['expert'])} | {means['expert']:.1f} | {means['reled']:.1f} | "
+                        f"{means['ippo']:.1f} | {means['greedy']:.1f} |")
+        if rows:
+            self.data["expert_reach"] = record
+            self.lines += ["## Does the policy reach its expert? (on the demonstrations' own traffic)", "",
+                           "Average delay (s) on the SUMO seed each run's demonstrations were made on (seed s for "
+                           "training seed s), mean over seeds: the expert's kept demonstrations replayed as one "
+                           "episode, RELED's final policy, IPPO's final policy (same training seed) and greedy.", "",
+                           "| setting | seeds | expert | RELED policy | IPPO policy | greedy |",
+                           "|---|---|---|---|---|---|", *rows, "",
+                           reproduce("--only a,resco", "--algos ippo,reled"), ""]
+
     # -- RESCO timing targets -------------------------------------------------------------------
     def resco(self) -> None:
         runs = self.runs("resco")
@@ -456,8 +502,8 @@ def main() -> None:
     out = args.out or ROOT / "out" / ("experiments-quick" if args.quick else "experiments")
     page = args.page or (out / "reled.md" if args.quick else ROOT / "docs" / "results" / "reled.md")
     report = Report(out, page, "quick" if args.quick else "full")
-    parts = (report.efficiency, report.targets, report.resco, report.scalability, report.generalization,
-             report.ablations)
+    parts = (report.efficiency, report.targets, report.resco, report.expert_reach, report.scalability,
+             report.generalization, report.ablations)
     for part in parts:
         part()
     head = ["# RELED vs IPPO vs MAPPO: the paper's experiments on real cities", "",
