@@ -127,6 +127,7 @@ def _edited(demos: Path, dest: Path, **changes) -> Path:
     ({"agents": ["A0", "A1", "B0", "X"]}, "was made for lights"),
     ({"demand": "congested"}, "demand congested, this run uses moderate"),
     ({"timing": {"delta": 5.0}}, "made with timing"),
+    ({"n_phases": [2, 2, 2, 3]}, "made with phases per light [2, 2, 2, 3]"),
 ])
 def test_a_store_of_another_scenario_schema_or_setting_is_refused_in_one_line(
         grid_demos, tmp_path, reled, assert_one_line_error, changes, needle):

@@ -58,14 +58,14 @@ def learning_curves(folder: Path) -> Path:
 
 
 def hpo_curves(folder: Path) -> Path:
-    """RELED's diagnostics beside the delay curve: per-agent weights, the imitation share and the gate,
-    and D_j / B_j of the demonstrations in force at every SED pass."""
+    """RELED's diagnostics beside the delay curve: per-agent weights and gaps G_E,k − G_A,k, the imitation
+    share and the gate, and ε_j, D_j and B_j of the demonstrations in force at every SED pass."""
     metrics = CsvLog(folder / METRICS_FILE).read()
     evals = CsvLog(folder / EVALUATIONS_FILE).read()
     agents = CsvLog(folder / HPO_FILE).read()
     passes = [r for r in CsvLog(folder / SED_FILE).read() if r["adopted"] == "1"]
     steps = _column(metrics, "agent_steps")
-    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), sharex=True)
+    fig, axes = plt.subplots(2, 3, figsize=(17, 7.5), sharex=True)
     ax = axes[0, 0]
     ax.plot(steps, _column(metrics, "train_delay"), color="#bbbbbb", lw=1, label="training episodes")
     if evals:
@@ -74,13 +74,16 @@ def hpo_curves(folder: Path) -> Path:
         ax.set_ylim(0.8 * np.nanmin(e_delay), 2.5 * np.nanmin(e_delay))  # the first episodes run off the top
     ax.set_ylabel("average delay (s)")
     ax.legend(fontsize=8)
-    ax = axes[0, 1]
-    for name in sorted({r["agent"] for r in agents}):
-        mine = [r for r in agents if r["agent"] == name]
-        ax.plot(_column(mine, "agent_steps"), _column(mine, "weight"), lw=0.8, alpha=0.5)
-    ax.plot(steps, _column(metrics, "hpo/w_mean"), color="black", lw=2, label="mean over agents")
-    ax.set_ylabel("imitation weight w_k")
-    ax.legend(fontsize=8)
+    for ax, column, label, mean in ((axes[0, 1], "weight", "imitation weight w_k", "hpo/w_mean"),
+                                    (axes[0, 2], "gap", "G_E,k − G_A,k (reward per decision)", "hpo/gap_mean")):
+        for name in sorted({r["agent"] for r in agents}):
+            mine = [r for r in agents if r["agent"] == name]
+            ax.plot(_column(mine, "agent_steps"), _column(mine, column), lw=0.8, alpha=0.5)
+        ax.plot(steps, _column(metrics, mean), color="black", lw=2, label="mean over agents")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    axes[0, 2].axhline(0.0, color="grey", lw=0.8, ls=":")  # above: the expert is better, the gate opens
+    axes[0, 2].set_yscale("symlog", linthresh=0.1)  # the first updates' gaps are 100 times the later ones
     ax = axes[1, 0]
     ax.plot(steps, _column(metrics, "loss/imitation_share"), color="#4C72B0", label="imitation share of the loss")
     ax.plot(steps, _column(metrics, "hpo/gate_open"), color="#55A868", label="agents whose expert is better")
@@ -91,23 +94,37 @@ def hpo_curves(folder: Path) -> Path:
     twin.plot(steps, _column(metrics, "hpo/d_mean") / _column(metrics, "hpo/sigma"), color="#8172B2", lw=1,
               ls="--", label="mean d_k / σ")
     twin.set_ylabel("d / σ")
-    twin.legend(fontsize=8, loc="lower right")
-    ax = axes[1, 1]
-    if passes:
-        at = {int(r["update"]): float(m["agent_steps"]) for m in metrics for r in passes
-              if m["update"] == r["update"]}
-        for subset in sorted({r["subset"] for r in passes}):
-            mine = [r for r in passes if r["subset"] == subset]
-            x = [at.get(int(r["update"]), np.nan) for r in mine]
-            ax.plot(x, _column(mine, "divergence"), "o-", label=f"D_{subset}")
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no SED pass yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set_ylabel("policy divergence D_j at SED passes")
+    twin.legend(fontsize=8, loc="center right")
+    _sed_pass_panels(axes[1, 1], axes[1, 2], passes, metrics)
     for a in axes[1]:
         a.set_xlabel("agent-steps")
     fig.suptitle(f"{folder.name}: RELED's hybrid objective")
     return save_figure(fig, folder / RELED_CURVES_FILE)
+
+
+def _sed_pass_panels(left: plt.Axes, right: plt.Axes, passes: list[dict[str, str]],
+                     metrics: list[dict[str, str]]) -> None:
+    """D_j per subset (left), B_j per subset and the mean ε_j (right) of the demonstrations kept at each pass."""
+    if not passes:
+        for ax in (left, right):
+            ax.text(0.5, 0.5, "no SED pass yet", ha="center", va="center", transform=ax.transAxes)
+        return
+    at = {m["update"]: float(m["agent_steps"]) for m in metrics}
+    for subset in sorted({r["subset"] for r in passes}, key=int):
+        mine = [r for r in passes if r["subset"] == subset]
+        x = [at.get(r["update"], np.nan) for r in mine]
+        left.plot(x, _column(mine, "divergence"), "o-", ms=3, label=f"j={subset}")
+        right.plot(x, _column(mine, "bound"), "o-", ms=3)
+    left.set_ylabel("policy divergence D_j at SED passes")
+    left.legend(fontsize=7, ncol=2)
+    right.set_ylabel("bound B_j at SED passes")
+    updates = list(dict.fromkeys(r["update"] for r in passes))
+    twin = right.twinx()
+    twin.plot([at.get(u, np.nan) for u in updates],
+              [np.mean([float(r["epsilon"]) for r in passes if r["update"] == u]) for u in updates],
+              "s--", color="black", ms=4, label="mean ε_j")
+    twin.set_ylabel("ε_j (mean over subsets)")
+    twin.legend(fontsize=8, loc="upper right")
 
 
 def compare_plot(groups: dict[str, list[Path]], path: Path, title: str,

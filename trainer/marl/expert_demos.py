@@ -55,15 +55,17 @@ class RunFacts:
     reward: str
     timing: dict[str, float]
     episode_seconds: float
+    n_phases: list[int]  # per light: a net rebuilt under the same name and light IDs can change them
 
 
 def check_matches(demos: DemoSet, facts: RunFacts) -> None:
-    """Refuse, in one line, demonstrations of another demand, reward, timing or episode length (scenario,
-    lights and schema are checked when the store is loaded)."""
+    """Refuse, in one line, demonstrations of another demand, reward, timing, episode length or phase count
+    (scenario, lights and schema are checked when the store is loaded)."""
     m = demos.manifest
     for name, mine, theirs in (("demand", facts.demand, m.get("demand")), ("reward", facts.reward, m.get("reward")),
                                ("timing", facts.timing, m.get("timing")),
-                               ("episode length (s)", facts.episode_seconds, m.get("episode_seconds"))):
+                               ("episode length (s)", facts.episode_seconds, m.get("episode_seconds")),
+                               ("phases per light", facts.n_phases, m.get("n_phases"))):
         if mine != theirs:
             raise RELEDError(f"{demos.folder} was made with {name} {theirs}, this run uses {mine}: generate "
                              "demonstrations with the run's settings (or drop --demos to have the run make them)")

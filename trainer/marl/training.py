@@ -96,7 +96,7 @@ class TrainingRun:
         self.agents = list(probe.possible_agents)
         self.n_phases = [i.n_phases for i in probe.intersections]
         self.facts = RunFacts(scenario.name, self.agents, config.demand, config.env.reward, asdict(probe.timing),
-                              probe.end_time - scenario.begin)
+                              probe.end_time - scenario.begin, self.n_phases)
         probe.close()
         # the networks' initialization (orthogonal: a QR decomposition) depends on the thread count in its last bits
         torch.set_num_threads(_learner_threads(config))
