@@ -108,3 +108,14 @@ def test_a_plan_shares_a_step_between_runs_and_orders_needs_first(tmp_path):
     assert all(step.setup[0][0] == "import-city" and "--if-missing" in step.setup[0][1]
                for step in planner.steps.values())  # each machine imports the scenario before its step
     assert Path(planner.steps["demos-city-moderate-s0-no-llm"].result).name == "manifest.json"
+
+
+def test_a_variant_with_its_own_sed_schedule_replaces_the_profiles(tmp_path):
+    planner = Planner(tmp_path, workers=1, eval_every=1, eval_episodes=1, sed_every=25, heuristics_episodes=1,
+                      root=tmp_path, imports={})
+    planner.add_run(Run("e", "grid2x2", "moderate", "reled", 0, 240))
+    planner.add_run(Run("e", "grid2x2", "moderate", "reled", 0, 240, variant="no-pass", flags=("--sed-every", "0")))
+    default, no_pass = (planner.steps[k].arguments() for k in ("reled-grid2x2-moderate-s0",
+                                                               "reled-no-pass-grid2x2-moderate-s0"))
+    assert default[default.index("--sed-every") + 1] == "25" and default.count("--sed-every") == 1
+    assert no_pass[no_pass.index("--sed-every") + 1] == "0" and no_pass.count("--sed-every") == 1

@@ -23,6 +23,7 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
     "fixed-0.5": ("--expert-weight", "fixed:0.5"),
     "none": ("--expert-weight", "none"),
     "no-llm": ("--no-sed-llm",),  # demonstrations and SED passes from the classical tools only
+    "no-pass": ("--sed-every", "0"),  # the round-0 demonstrations (chosen with the bound) kept: no SED pass
 }
 
 

@@ -85,8 +85,9 @@ class Planner:
                 str(self.eval_episodes), *self._config_args(run))
         if run.algo == "reled":
             needs = (self._add_demos(run),)
-            args += ("--demos", str(self.out / "demos" / run.demos_key), "--sed-every", str(self.sed_every),
-                     *run.flags)
+            own_passes = "--sed-every" in run.flags  # a variant's own schedule replaces the profile's
+            args += ("--demos", str(self.out / "demos" / run.demos_key),
+                     *(() if own_passes else ("--sed-every", str(self.sed_every))), *run.flags)
         self._add(Step(run.key, args, folder / "summary.json", needs, self._setup(run.scenario), self.workers,
                        ("train", "--resume", str(folder), "--workers", str(self.workers)), folder / "latest.pt"))
 
