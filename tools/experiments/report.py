@@ -122,9 +122,11 @@ def periodic_mean(curves: list[Curve]) -> tuple[np.ndarray, np.ndarray]:
     return curves[0].steps[:n], np.mean([c.delay[:n] for c in curves], axis=0)
 
 
-def periodic_level(curves: list[Curve]) -> float:
-    """Where training ended on the periodic curve: the seed-mean of the last REACH_WINDOW evaluations."""
-    return float(periodic_mean(curves)[1][-REACH_WINDOW:].mean())
+def periodic_level(curves: list[Curve]) -> float | None:
+    """Where training ended on the periodic curve: the seed-mean of the last REACH_WINDOW evaluations
+    (None: a run too short to have them)."""
+    level = periodic_mean(curves)[1][-REACH_WINDOW:]
+    return float(level.mean()) if len(level) == REACH_WINDOW else None
 
 
 def steps_to(curves: list[Curve], threshold: float) -> float | None:
