@@ -47,6 +47,9 @@ def full() -> Profile:
             runs += [Run("a", scenario, demand, algo, seed, steps) for seed in SEEDS for algo in ALGOS]
     runs += [Run("e", "cologne8", "moderate", "reled", seed, steps, variant=name, flags=flags)
              for name, flags in ABLATIONS.items() for seed in SEEDS]
+    # the in-training SED pass, isolated where the delay rose most after it (cologne8 moderate's finding)
+    runs += [Run("e", scenario, "congested", "reled", seed, steps, variant="no-pass", flags=ABLATIONS["no-pass"])
+             for scenario in ("cologne8", "orlando") for seed in SEEDS]
     runs += [Run("resco", net, "moderate", algo, seed, 576_000, timing=RESCO_TIMING)
              for net in ("cologne8", "ingolstadt7") for seed in SEEDS for algo in ("ippo", "reled")]
     runs += [Run("c", net, "moderate", algo, 0, steps) for net in

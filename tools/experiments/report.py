@@ -456,9 +456,14 @@ class Report:
 
     # -- (e) ablations --------------------------------------------------------------------------
     def ablations(self) -> None:
+        """(e): every ablation setting's variants beside the full method and IPPO of (a), a table and a figure
+        each; the first setting (cologne8 moderate in the full plan) has every variant, later ones a few."""
         runs = self.runs("e")
-        if not runs:
-            return
+        for k, setting in enumerate(dict.fromkeys((r.scenario, r.demand) for r in runs)):
+            self.ablation_setting([r for r in runs if (r.scenario, r.demand) == setting],
+                                  "reled_e_ablations.png" if k == 0 else f"reled_e_ablations_{'_'.join(setting)}.png")
+
+    def ablation_setting(self, runs: list[Run], figure: str) -> None:
         base = runs[0]
         full = self.curves([Run("a", base.scenario, base.demand, "reled", s, base.steps) for s in SEEDS])
         ippo = self.curves([Run("a", base.scenario, base.demand, "ippo", s, base.steps) for s in SEEDS])
@@ -470,6 +475,7 @@ class Report:
         if len(same) == len(full):
             groups.pop(f"reled (full), seeds {','.join(map(str, seeds))}")
         groups = {k: v for k, v in groups.items() if v}
+        setting = f"{base.scenario}/{base.demand}"
         self.lines += [f"## (e) Ablations on {base.scenario} / {base.demand}", "",
                        "| variant | seeds | last-10 delay (s) | steps to IPPO's final | mean w_k | agents whose expert "
                        "is better | imitation share of the loss |", "|---|---|---|---|---|---|---|"]
@@ -487,16 +493,18 @@ class Report:
             self.lines.append(f"| {name} | {len(curves)} | {np.mean([c.final for c in curves]):.1f} ± "
                               f"{np.std([c.final for c in curves]):.1f} | "
                               f"{'–' if reach is None else f'{reach:,.0f}'} | {' | '.join(texts)} |")
-            self.data.setdefault("ablations", {})[name] = {"last10": [c.final for c in curves], "steps_to": reach}
+            self.data.setdefault("ablations", {}).setdefault(setting, {})[name] = {
+                "last10": [c.final for c in curves], "steps_to": reach}
         ax.set_xlabel("agent-steps")
         ax.set_ylabel("evaluation average delay (s)")
         ax.set_ylim(None, 2.0 * (ippo_final or ax.get_ylim()[1]))
         ax.legend(fontsize=8)
         ax.set_title(f"ablations on {base.scenario} / {base.demand}")
         fig.tight_layout()
-        fig.savefig(self.figures / "reled_e_ablations.png", dpi=110)
+        fig.savefig(self.figures / figure, dpi=110)
         plt.close(fig)
-        self.lines += ["", "![ablations](figures/reled_e_ablations.png)", "", reproduce("--only e"), ""]
+        self.lines += ["", f"![ablations on {setting}](figures/{figure})", "",
+                       reproduce("--only e", f"--scenarios {base.scenario}", f"--demands {base.demand}"), ""]
 
     def write(self, head: list[str]) -> None:
         missing = [r.key for r in self.profile.runs if load_curve(self.out / "runs" / r.key) is None]
