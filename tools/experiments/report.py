@@ -180,8 +180,8 @@ class Report:
                        f"over its last {REACH_WINDOW}, and its share of IPPO's budget. Periodic evaluation k plays "
                        "SUMO seed 1000 + k for every algorithm and seed, so both sides are on the same traffic; the "
                        "final figures play seeds 0-9 (as the heuristics). *Var. last evals*: the variance of the "
-                       f"last {STABILITY_N} periodic evaluations, or of all of them where a run has fewer (Orlando "
-                       "17, Hong Kong 11 per run); it includes the end of the learning phase.", "",
+                       f"last {STABILITY_N} periodic evaluations, or of all of them where a run has fewer "
+                       f"({self.short_runs()}); it includes the end of the learning phase.", "",
                        self.llm_deadlines(), "",
                        "| scenario | demand | algo | seeds | last-10 delay (s) | travel time (s) | var. last evals "
                        "| steps to IPPO's final (share of its budget) | wall-clock (min), SED part |",
@@ -197,6 +197,15 @@ class Report:
                 self.efficiency_rows(scenario, demand, groups, refs)
                 self.efficiency_figure(scenario, demand, groups, refs)
         self.lines.append("")
+
+    def short_runs(self) -> str:
+        """The scenarios whose runs have fewer than STABILITY_N periodic evaluations, with their count."""
+        counts = {}
+        for run in self.runs("a"):
+            curve = load_curve(self.out / "runs" / run.key)
+            if curve is not None and len(curve.eval_delays) < STABILITY_N:
+                counts[run.scenario] = min(counts.get(run.scenario, STABILITY_N), len(curve.eval_delays))
+        return ", ".join(f"{name} {n} per run" for name, n in counts.items()) or "none here"
 
     def llm_deadlines(self) -> str:
         """How many of the embedded model's calls missed their deadline: in the demonstration stores made
